@@ -1,0 +1,261 @@
+"""Every YAML section as a pydantic model, and the one loader that turns bad input into one clear line.
+
+Precedence is CLI (`--set a.b=v`) > file > defaults; every default works on a laptop (2 CPUs, no GPU).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from archipelago.errors import ConfigError
+
+Strategy = Literal["single", "ddp", "fsdp2", "deepspeed"]
+STRATEGIES: tuple[str, ...] = get_args(Strategy)
+
+
+class _Section(BaseModel):
+    # Unknown keys are typos until proven otherwise: refuse them instead of silently ignoring.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Section):
+    source: Literal["digits", "image_folder", "moving_digits"] = Field(
+        "digits", description="Where samples come from: embedded sklearn digits, an fsspec image folder, "
+        "or the procedural moving-digits video source.")
+    path: str | None = Field(None, description="fsspec URL/glob of the image folder (source=image_folder).")
+    image_size: int = Field(16, ge=8, le=256, description="Side of the square images after resizing.")
+    num_clusters: int = Field(4, ge=1, le=256, description="K: number of shards = number of experts.")
+    partitioner: Literal["kmeans", "random"] = Field(
+        "kmeans", description="kmeans over embeddings (the DDM method) or random (ablation).")
+    embedder: Literal["pixel_pca", "dinov2"] = Field(
+        "pixel_pca", description="Feature space for clustering; dinov2 only when weights are local.")
+    embed_dim: int = Field(32, ge=2, le=1024, description="Embedding dimension of the pixel_pca embedder.")
+    max_imbalance: float = Field(
+        2.0, ge=1.0, description="Upper bound on largest/smallest shard size; sizes are rebalanced to it.")
+    seed: int = Field(0, description="Seed for embedding, k-means and random sharding.")
+    video_frames: int = Field(16, ge=2, description="Frames per clip (moving_digits).")
+    video_size: int = Field(32, ge=16, description="Canvas side of the moving digits (moving_digits).")
+    num_videos: int = Field(512, ge=1, description="Number of clips to generate (moving_digits).")
+    dinov2_weights: str | None = Field(
+        None, description="Local path to DINOv2 weights; never downloaded.")
+
+
+class ExpertConfig(_Section):
+    # --- model (a DiT; see experts/dit.py) ---
+    size: str | None = Field(None, description="Named size from the DiT registry (overrides the dims below).")
+    patch_size: int = Field(2, ge=1, description="Side of a latent patch (token).")
+    hidden_size: int = Field(64, ge=8, description="Token width.")
+    depth: int = Field(4, ge=1, description="Number of DiT blocks.")
+    num_heads: int = Field(4, ge=1, description="Attention heads; must divide hidden_size.")
+    mlp_ratio: float = Field(4.0, gt=0, description="MLP hidden width / token width.")
+    class_dropout: float = Field(0.1, ge=0.0, lt=1.0, description="Label dropout prob. (trains the CFG null class).")
+    # --- training ---
+    strategy: Strategy = Field("single", description="single | ddp | fsdp2 | deepspeed (ZeRO).")
+    zero_stage: int = Field(2, ge=1, le=3, description="DeepSpeed ZeRO stage (strategy=deepspeed).")
+    steps: int = Field(200, ge=1, description="Optimizer steps.")
+    batch_size: int = Field(64, ge=1, description="Global batch size per optimizer step (all ranks, all micro-steps).")
+    grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    lr: float = Field(3e-4, gt=0, description="Peak learning rate (AdamW).")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    warmup_steps: int = Field(20, ge=0, description="Linear LR warm-up, then cosine decay to lr_min.")
+    lr_min_ratio: float = Field(0.1, ge=0, le=1, description="Final LR as a fraction of lr.")
+    grad_clip: float = Field(1.0, ge=0, description="Max grad norm (0 disables clipping).")
+    ema_decay: float = Field(0.999, ge=0, lt=1, description="EMA decay of the weights used for sampling.")
+    precision: Literal["fp32", "bf16"] = Field("fp32", description="Autocast dtype where the device allows.")
+    checkpoint_every: int = Field(100, ge=1, description="Steps between periodic checkpoints.")
+    keep_checkpoints: int = Field(2, ge=1, description="Periodic checkpoints kept (the final one always is).")
+    log_every: int = Field(10, ge=1, description="Steps between metric reports.")
+    seed: int = Field(0, description="Global seed; rank r uses seed * world_size + r.")
+    # --- sampling ---
+    sampler: Literal["euler", "heun"] = Field("euler", description="ODE solver for sampling.")
+    sample_steps: int = Field(32, ge=1, description="Sampler steps.")
+    cfg_scale: float = Field(2.0, ge=0, description="Classifier-free guidance scale (1 = no guidance).")
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> "ExpertConfig":
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"num_heads={self.num_heads} must divide hidden_size={self.hidden_size}")
+        if self.hidden_size % 4:
+            raise ValueError(f"hidden_size={self.hidden_size} must be a multiple of 4 (2D sin-cos positions)")
+        return self
+
+
+class RouterConfig(_Section):
+    hidden_size: int = Field(64, ge=8, description="Channel width of the router CNN.")
+    depth: int = Field(3, ge=1, description="Residual blocks of the router.")
+    steps: int = Field(300, ge=1, description="Optimizer steps.")
+    batch_size: int = Field(128, ge=1, description="Batch size.")
+    lr: float = Field(1e-3, gt=0, description="Learning rate (AdamW).")
+    t_bins: int = Field(5, ge=1, description="Bins of t used to report accuracy/calibration.")
+    seed: int = Field(0, description="Seed.")
+
+
+class IslandSpec(_Section):
+    """How one island (the workers that train one expert) runs; fields left None inherit from `islands`."""
+    num_workers: int | None = Field(None, ge=1, description="Workers in this island.")
+    cpus_per_worker: float | None = Field(None, gt=0, description="CPUs per worker.")
+    gpus_per_worker: float | None = Field(None, ge=0, description="GPUs per worker.")
+    strategy: Strategy | None = Field(None, description="Overrides expert.strategy for this island.")
+    address: str | None = Field(None, description="Ray address of this island's own cluster (None: the default).")
+    resources: dict[str, float] = Field(default_factory=dict, description="Extra Ray resources, e.g. node_1: 1.")
+
+
+class IslandsConfig(_Section):
+    num_workers: int = Field(1, ge=1, description="Default workers per island.")
+    cpus_per_worker: float = Field(1.0, gt=0, description="Default CPUs per worker.")
+    gpus_per_worker: float = Field(0.0, ge=0, description="Default GPUs per worker.")
+    max_failures: int = Field(1, ge=0, description="Ray Train FailureConfig.max_failures per island.")
+    max_concurrent: int = Field(2, ge=1, description="Islands training at the same time.")
+    address: str | None = Field(None, description="Default Ray address (None: local ray.init()).")
+    per_island: dict[int, IslandSpec] = Field(
+        default_factory=dict, description="Overrides keyed by shard id.")
+
+
+class InferenceConfig(_Section):
+    mode: Literal["single", "naive_patch", "sync_patch", "distrifusion", "cfg_parallel", "expert_parallel"] = (
+        Field("single", description="Parallel mode for one image.")
+    )
+    world_size: int = Field(1, ge=1, description="Ranks for the parallel mode.")
+    warmup_steps: int = Field(2, ge=0, description="Synchronous steps before DistriFusion goes stale.")
+    routing: str = Field("top-1", pattern=r"^(full|top-\d+)$", description="Ensemble routing: full | top-k.")
+    num_samples: int = Field(64, ge=1, description="Samples per grid.")
+    seed: int = Field(0, description="Noise seed.")
+
+
+class TrackingConfig(_Section):
+    enabled: bool = Field(True, description="Log params/metrics/artifacts to MLflow.")
+    tracking_uri: str | None = Field(
+        None, description="MLflow URI; None: $MLFLOW_TRACKING_URI or sqlite:///<storage.root>/mlruns.db.")
+    experiment: str = Field("archipelago", description="MLflow experiment name.")
+
+
+class StorageConfig(_Section):
+    root: str = Field("runs/quickstart", description="fsspec URL under which every artifact is written.")
+
+
+class ArchipelagoConfig(_Section):
+    name: str = Field("digits-quickstart", description="Run name.")
+    data: DataConfig = Field(default_factory=DataConfig)
+    expert: ExpertConfig = Field(default_factory=ExpertConfig)
+    router: RouterConfig = Field(default_factory=RouterConfig)
+    islands: IslandsConfig = Field(default_factory=IslandsConfig)
+    inference: InferenceConfig = Field(default_factory=InferenceConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+
+    def config_hash(self) -> str:
+        """sha256 of the canonical JSON of the resolved config (stable across key order)."""
+        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Loading
+# ----------------------------------------------------------------------------------------------------
+
+def _allowed(model: type[BaseModel], loc: tuple[Any, ...]) -> str | None:
+    """Describe what a field accepts (enum values or sub-fields), for the error line."""
+    cls: Any = model
+    ann: Any = None
+    for part in loc:
+        if isinstance(cls, type) and issubclass(cls, BaseModel) and part in cls.model_fields:
+            ann = cls.model_fields[part].annotation
+            cls = ann
+        else:
+            break
+    else:
+        if ann is None:
+            return None
+    for cand in (ann, *get_args(ann)):
+        if get_origin(cand) is Literal:
+            return " | ".join(map(str, get_args(cand)))
+    return None
+
+
+def _format_error(err: ValidationError, source: str) -> str:
+    e = err.errors()[0]
+    loc = tuple(p for p in e["loc"])
+    field = ".".join(str(p) for p in loc) or "<root>"
+    if e["type"] == "extra_forbidden":
+        parent: Any = ArchipelagoConfig
+        for part in loc[:-1]:
+            f = parent.model_fields.get(part) if isinstance(parent, type) else None
+            parent = f.annotation if f is not None else None
+        known = ", ".join(parent.model_fields) if isinstance(parent, type) and issubclass(parent, BaseModel) else ""
+        return f"{source}: unknown field '{field}'" + (f" (known: {known})" if known else "")
+    msg = e["msg"]
+    allowed = _allowed(ArchipelagoConfig, loc)
+    got = e.get("input")
+    got_s = "" if isinstance(got, (dict, list)) else f" (got {got!r})"
+    hint = f"; allowed: {allowed}" if allowed and "Input should be" in msg else ""
+    more = f" [+{len(err.errors()) - 1} more]" if len(err.errors()) > 1 else ""
+    return f"{source}: field '{field}': {msg}{got_s}{hint}{more}"
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """`a.b.c=value` -> (["a","b","c"], yaml-typed value)."""
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set expert.depth=6")
+    key, raw = item.split("=", 1)
+    parts = [p for p in key.strip().split(".") if p]
+    if not parts:
+        raise ConfigError(f"--set {item!r}: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return parts, value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str] | None) -> dict[str, Any]:
+    """Apply dotted overrides; unknown keys are rejected later by validation (extra=forbid)."""
+    for item in overrides or []:
+        parts, value = parse_override(item)
+        node = raw
+        for p in parts[:-1]:
+            nxt = node.get(p)
+            if nxt is None:
+                nxt = node[p] = {}
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"--set {item!r}: '{p}' is not a section")
+            node = nxt
+        node[parts[-1]] = value
+    return raw
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> ArchipelagoConfig:
+    """Load YAML (or defaults when path is None), apply `--set` overrides, validate.
+
+    Raises ConfigError with one line: `<file>: field 'a.b': <problem>; allowed: ...`.
+    """
+    source = str(path) if path is not None else "<defaults>"
+    raw: Any = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"{source}: config file not found (see configs/ for examples)")
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" line {mark.line + 1}" if mark is not None else ""
+            raise ConfigError(f"{source}:{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{source}: top level must be a mapping of sections "
+                              f"({', '.join(ArchipelagoConfig.model_fields)})")
+    raw = apply_overrides(raw, overrides)
+    if overrides:
+        source += " + --set"
+    try:
+        return ArchipelagoConfig.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format_error(err, source)) from None
+
+
+def dump_config(cfg: ArchipelagoConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

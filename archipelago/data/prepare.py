@@ -1,0 +1,110 @@
+"""`archipelago data prepare`: source -> embed -> partition -> K shards -> manifest.json (last).
+
+Idempotent: a verified manifest with the same data-config hash is reused untouched; anything else is
+rebuilt, and the old manifest is removed first so a half-rewritten directory never looks complete."""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from archipelago import storage
+from archipelago.config import DataConfig
+from archipelago.data.embedders import get_embedder
+from archipelago.data.partition import cluster_purity, partition
+from archipelago.data.shards import (
+    FORMAT_VERSION,
+    MANIFEST,
+    ShardManifest,
+    data_config_hash,
+    load_manifest,
+    shard_file,
+    verify_shards,
+    write_manifest,
+    write_shard,
+)
+from archipelago.data.sources import load_source
+from archipelago.errors import DataError
+
+log = logging.getLogger(__name__)
+
+
+def _reusable(out_url: str, config_hash: str) -> ShardManifest | None:
+    """The existing manifest at out_url if it was made from the same config and all shards verify."""
+    if not storage.exists(storage.join(out_url, MANIFEST)):
+        return None
+    try:
+        m = load_manifest(out_url)
+        if m.data_config_hash != config_hash:
+            log.info("%s: existing data was prepared from another config; rebuilding", out_url)
+            return None
+        return verify_shards(out_url, m)
+    except DataError as exc:
+        log.warning("%s: existing data is not reusable (%s); rebuilding", out_url, exc)
+        return None
+
+
+def prepare_data(cfg: DataConfig, out_url: str, progress: bool = True) -> ShardManifest:
+    """Build (or reuse) the K shards + manifest for `cfg` under `out_url`; returns the manifest."""
+    config_hash = data_config_hash(cfg)
+    existing = _reusable(out_url, config_hash)
+    if existing is not None:
+        log.info("%s: reusing prepared data (config %s…)", out_url, config_hash[:12])
+        return existing
+
+    # --- fail fast: the embedder validates its setup (dinov2 weights) before any data is read ---
+    embedder = get_embedder(cfg.embedder, cfg)
+    k = cfg.num_clusters
+    columns = (TextColumn("[bold]data prepare[/] {task.description}"), BarColumn(), MofNCompleteColumn(),
+               TimeElapsedColumn())
+    with Progress(*columns, console=Console(stderr=True), disable=not progress, transient=False) as bar:
+        task = bar.add_task("load source", total=3 + k)
+
+        # --- source ---
+        src = load_source(cfg)
+        n = len(src)
+        if k > n:
+            raise DataError(f"data.num_clusters={k} is larger than the number of samples ({n}) in source "
+                            f"{src.name!r}; lower data.num_clusters")
+        bar.update(task, advance=1, description=f"embed {n} samples ({embedder.name})")
+
+        # --- embed ---
+        emb = embedder.embed(src.images)  # [N, D]
+        if emb.shape[0] != n or not np.isfinite(emb).all():
+            raise DataError(f"embedder {embedder.name!r} returned features {emb.shape} (or non-finite "
+                            f"values) for {n} samples")
+        bar.update(task, advance=1, description=f"partition into K={k} ({cfg.partitioner})")
+
+        # --- partition ---
+        part = partition(emb, cfg)
+        labels = src.labels.numpy()
+        purity = cluster_purity(part.assign, labels) if src.num_classes > 1 else None
+        bar.update(task, advance=1, description="write shards")
+
+        # --- shards, then the manifest (the commit marker) ---
+        storage.remove(storage.join(out_url, MANIFEST))  # a stale manifest must never bless new shards
+        infos = []
+        for s in range(k):
+            idx = torch.from_numpy(np.flatnonzero(part.assign == s)).to(torch.int64)  # source positions
+            infos.append(write_shard(out_url, s, src.images[idx], src.labels[idx], idx))
+            bar.update(task, advance=1, description=f"write {shard_file(s)}")
+        manifest = ShardManifest(
+            format_version=FORMAT_VERSION, source=src.name, num_clusters=k, num_samples=n,
+            counts=part.counts, centroids=part.centroids.astype(float).tolist(), embedder=embedder.name,
+            seed=cfg.seed, partitioner=cfg.partitioner, image_shape=list(src.images.shape[1:]),
+            num_classes=src.num_classes, data_config_hash=config_hash,
+            data_config=cfg.model_dump(mode="json"), shards=infos, purity=purity)
+        write_manifest(out_url, manifest)
+        bar.update(task, description="done")
+
+    # Shards left over from an earlier, larger K are not in the manifest; remove them so the folder is clean.
+    keep = {i.file for i in infos}
+    for name in storage.listdir(out_url):
+        if name.startswith("shard-") and name.endswith(".safetensors") and name not in keep:
+            storage.remove(storage.join(out_url, name))
+    log.info("%s: %d samples -> K=%d shards %s (imbalance %.2f, purity %s)", out_url, n, k, part.counts,
+             part.imbalance, "n/a" if purity is None else f"{purity:.3f}")
+    return manifest

@@ -1,0 +1,207 @@
+"""The on-store format of a prepared dataset: K safetensors shards plus `manifest.json`, written last as the
+commit marker. Readers trust nothing: format version, shard presence, sha256 and tensor layout are all
+checked, and every failure is one `DataError` line that names the file and says to re-run data prepare."""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from archipelago import storage
+from archipelago.config import DataConfig
+from archipelago.errors import DataError, StorageError
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+_RERUN = "re-run `archipelago data prepare`"
+
+
+def shard_file(k: int) -> str:
+    return f"shard-{k:03d}.safetensors"
+
+
+def data_config_hash(cfg: DataConfig) -> str:
+    """sha256 of the canonical JSON of the data config (stable across key order)."""
+    blob = json.dumps(cfg.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+class ShardInfo(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    id: int = Field(description="Shard id k = expert id.")
+    file: str = Field(description="File name relative to the data URL, shard-{k:03d}.safetensors.")
+    sha256: str = Field(description="sha256 of the file's bytes.")
+    count: int = Field(ge=1, description="Samples in the shard.")
+
+
+class ShardManifest(BaseModel):
+    """What `data prepare` produced; written last, so its presence means every shard is complete."""
+    model_config = ConfigDict(extra="forbid")
+    format_version: int = Field(description="Layout version of shards + manifest (FORMAT_VERSION).")
+    source: str = Field(description="Where the samples came from, e.g. 'digits'.")
+    num_clusters: int = Field(ge=1, description="K: number of shards.")
+    num_samples: int = Field(ge=1, description="Samples over all shards.")
+    counts: list[int] = Field(description="Samples per shard, [K].")
+    centroids: list[list[float]] = Field(description="Mean embedding of each shard, [K, D].")
+    embedder: str = Field(description="Feature space the partitioner used.")
+    seed: int = Field(description="data.seed.")
+    partitioner: str = Field(description="kmeans | random.")
+    image_shape: list[int] = Field(description="[C, H, W] or, for video, [C, F, H, W].")
+    num_classes: int = Field(ge=1, description="Classes of the labels (1: unlabelled).")
+    data_config_hash: str = Field(description="sha256 of the canonical JSON of the data config.")
+    data_config: dict[str, Any] = Field(description="The data config itself, for provenance.")
+    shards: list[ShardInfo] = Field(description="One entry per shard, in shard id order.")
+    purity: float | None = Field(None, description="Cluster purity w.r.t. the labels (None: unlabelled).")
+
+
+@dataclass
+class ShardData:
+    """One shard, as written by `write_shard`."""
+    images: torch.Tensor  # float32 [n, C, H, W] (video: [n, C, F, H, W]) in [-1, 1]
+    labels: torch.Tensor  # int64 [n]
+    index: torch.Tensor   # int64 [n], position of each sample in the source
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+
+# ----------------------------------------------------------------------------------------------------
+# Writing
+# ----------------------------------------------------------------------------------------------------
+
+def encode_shard(images: torch.Tensor, labels: torch.Tensor, index: torch.Tensor, k: int) -> bytes:
+    """safetensors bytes of one shard (deterministic: same tensors -> same bytes)."""
+    from safetensors.torch import save
+
+    if not (images.shape[0] == labels.shape[0] == index.shape[0]) or images.shape[0] == 0:
+        raise DataError(f"shard {k}: images {tuple(images.shape)}, labels {tuple(labels.shape)}, "
+                        f"index {tuple(index.shape)} must have the same non-zero length")
+    tensors = {"images": images.detach().to(torch.float32).contiguous(),
+               "labels": labels.detach().to(torch.int64).contiguous(),
+               "index": index.detach().to(torch.int64).contiguous()}
+    # One metadata key only: safetensors keeps metadata in a hash map, so several keys come out in a random
+    # order and identical shards would get different bytes (and sha256s).
+    meta = json.dumps({"format_version": FORMAT_VERSION, "id": k}, sort_keys=True)
+    return save(tensors, metadata={"archipelago_shard": meta})
+
+
+def write_shard(data_url: str, k: int, images: torch.Tensor, labels: torch.Tensor,
+                index: torch.Tensor) -> ShardInfo:
+    """Atomically write shard k under data_url; returns its manifest entry (with sha256)."""
+    name = shard_file(k)
+    digest = storage.write_bytes(storage.join(data_url, name), encode_shard(images, labels, index, k))
+    return ShardInfo(id=k, file=name, sha256=digest, count=int(labels.shape[0]))
+
+
+def write_manifest(data_url: str, manifest: ShardManifest) -> str:
+    """Write manifest.json (call this LAST: it marks the shards as complete); returns its sha256."""
+    return storage.write_json(storage.join(data_url, MANIFEST), manifest.model_dump(mode="json"))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Reading
+# ----------------------------------------------------------------------------------------------------
+
+def load_manifest(data_url: str) -> ShardManifest:
+    """Read and validate manifest.json; DataError (one line) if missing, foreign, or another version."""
+    url = storage.join(data_url, MANIFEST)
+    try:
+        if not storage.exists(url):
+            raise DataError(f"{url}: no manifest (the data was never prepared, or preparation did not "
+                            f"finish); run `archipelago data prepare`")
+        raw = storage.read_json(url)
+    except StorageError as exc:
+        raise DataError(f"{exc}; {_RERUN}") from None
+    if not isinstance(raw, dict):
+        raise DataError(f"{url}: not an Archipelago data manifest; {_RERUN}")
+    version = raw.get("format_version")
+    if version != FORMAT_VERSION:
+        raise DataError(f"{url}: manifest format version {version}, this Archipelago reads {FORMAT_VERSION}; "
+                        f"{_RERUN}")
+    try:
+        m = ShardManifest.model_validate(raw)
+    except ValidationError as err:
+        e = err.errors()[0]
+        field = ".".join(str(p) for p in e["loc"]) or "<root>"
+        raise DataError(f"{url}: field '{field}': {e['msg']}; {_RERUN}") from None
+    if (len(m.shards) != m.num_clusters or len(m.counts) != m.num_clusters
+            or [s.id for s in m.shards] != list(range(m.num_clusters))
+            or [s.count for s in m.shards] != m.counts or sum(m.counts) != m.num_samples):
+        raise DataError(f"{url}: shards/counts do not match num_clusters={m.num_clusters}; {_RERUN}")
+    return m
+
+
+def _shard_bytes(data_url: str, info: ShardInfo, verify: bool) -> bytes:
+    url = storage.join(data_url, info.file)
+    try:
+        if not storage.exists(url):
+            raise DataError(f"{url}: shard {info.id} is missing; {_RERUN}")
+        data = storage.read_bytes(url)
+    except StorageError as exc:
+        raise DataError(f"{exc}; {_RERUN}") from None
+    if verify:
+        digest = storage.sha256_bytes(data)
+        if digest != info.sha256:
+            raise DataError(f"{url}: sha256 mismatch (manifest {info.sha256[:12]}..., file "
+                            f"{digest[:12]}...): the shard is corrupt or was changed; {_RERUN}")
+    return data
+
+
+def decode_shard(data: bytes, url: str, expected_count: int | None = None) -> ShardData:
+    """Parse shard bytes; a truncated/foreign file is one DataError line naming `url`."""
+    from safetensors.torch import load
+
+    try:
+        t = load(data)
+    except Exception as exc:  # noqa: BLE001 - safetensors raises SafetensorError/ValueError/OSError
+        raise DataError(f"{url}: not a valid safetensors shard ({type(exc).__name__}; truncated or "
+                        f"corrupt); {_RERUN}") from None
+    missing = {"images", "labels", "index"} - set(t)
+    if missing:
+        raise DataError(f"{url}: shard lacks tensors {sorted(missing)}; {_RERUN}")
+    n = t["labels"].shape[0]
+    if t["images"].shape[0] != n or t["index"].shape[0] != n or (expected_count not in (None, n)):
+        raise DataError(f"{url}: shard holds {n} labels / {t['images'].shape[0]} images, manifest says "
+                        f"{expected_count}; {_RERUN}")
+    return ShardData(images=t["images"], labels=t["labels"], index=t["index"])
+
+
+def read_shard(data_url: str, k: int, verify: bool = True,
+               manifest: ShardManifest | None = None) -> ShardData:
+    """Shard k of the prepared data at data_url (sha256-checked unless verify=False)."""
+    m = manifest or load_manifest(data_url)
+    if not 0 <= k < m.num_clusters:
+        raise DataError(f"{data_url}: shard {k} does not exist (K={m.num_clusters})")
+    info = m.shards[k]
+    return decode_shard(_shard_bytes(data_url, info, verify), storage.join(data_url, info.file), info.count)
+
+
+def verify_shards(data_url: str, manifest: ShardManifest | None = None) -> ShardManifest:
+    """Check that every shard exists, matches its sha256 and parses; returns the manifest."""
+    m = manifest or load_manifest(data_url)
+    for info in m.shards:
+        decode_shard(_shard_bytes(data_url, info, verify=True), storage.join(data_url, info.file), info.count)
+    return m
+
+
+def read_all(data_url: str, verify: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(images, labels, cluster_ids) over all shards in shard order, for router training."""
+    m = load_manifest(data_url)
+    shards = [read_shard(data_url, k, verify=verify, manifest=m) for k in range(m.num_clusters)]
+    images = torch.cat([s.images for s in shards])
+    labels = torch.cat([s.labels for s in shards])
+    cluster_ids = torch.cat([torch.full((len(s),), k, dtype=torch.int64) for k, s in enumerate(shards)])
+    return images, labels, cluster_ids
+
+
+def manifest_sha256(data_url: str) -> str:
+    """sha256 of manifest.json's bytes (ensembles record it to pin the data they were trained on)."""
+    url = storage.join(data_url, MANIFEST)
+    try:
+        return storage.sha256_url(url)
+    except StorageError as exc:
+        raise DataError(f"{exc}; run `archipelago data prepare`") from None
