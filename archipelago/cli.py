@@ -117,58 +117,236 @@ def _not_yet(what: str, issue: str) -> None:
 
 
 @app.command("train")
-def train_cmd(config: Path = ConfigOpt, overrides: Optional[list[str]] = SetOpt) -> None:
+def train_cmd(config: Path = ConfigOpt, overrides: list[str] | None = SetOpt) -> None:
     """Full pipeline: data -> islands in parallel with the router -> ensemble.json -> samples -> eval.
 
-    Example: ray job submit --address http://127.0.0.1:8265 --working-dir . -- archipelago train
-    --config configs/digits-quickstart.yaml
+    Each shard's expert trains on its own island (a Ray Train job); an island that fails for good does not
+    stop the others, and running the same command again trains only the missing experts.
+
+    Example: archipelago train --config configs/digits-quickstart.yaml --set expert.steps=50
+    On a Ray cluster (after `archipelago cluster up`, or a port-forwarded head):
+    ray job submit --address http://127.0.0.1:8265 --working-dir . -- archipelago train
+    --config configs/digits-quickstart.yaml --set storage.root=$PWD/runs/quickstart
     """
-    _not_yet("train", "Ray orchestration of islands")
+    from archipelago.orchestration.pipeline import IslandsFailed, run_pipeline
+
+    cfg = _load(config, overrides)
+    t0 = time.perf_counter()
+    result = run_pipeline(cfg, progress=True, echo=typer.echo)
+    typer.echo(result.table())
+    if not result.ok:
+        names = [r.name for r in result.failed] + (["router"] if result.router.status == "failed" else [])
+        raise IslandsFailed(f"{', '.join(names)} failed (see the table above; summary in "
+                            f"{result.root}/pipeline.json); the other islands are kept — fix the cause and re-run "
+                            f"the same command to train only what is missing")
+    fd = (result.eval or {}).get("feature_distance")
+    typer.echo(f"done in {time.perf_counter() - t0:.1f}s: ensemble {result.ensemble}, grid {result.grid}"
+               + (f", feature distance {fd:.3f}" if isinstance(fd, float) else "")
+               + (f", MLflow run {result.parent_run_id}" if result.parent_run_id else ""))
 
 
 @app.command("train-router")
-def train_router_cmd(config: Path = ConfigOpt, overrides: Optional[list[str]] = SetOpt) -> None:
-    """Train the router r(x_t, t) over all shards.
+def train_router_cmd(
+    config: Path = ConfigOpt,
+    data: str | None = typer.Option(None, "--data", help="Data URL (default: <storage.root>/data)."),
+    out: str | None = typer.Option(None, "--out", help="Router URL (default: <storage.root>/router)."),
+    unconditional: bool = typer.Option(False, "--unconditional",
+                                       help="Route on (x_t, t) only; by default the class conditions it too."),
+    no_resume: bool = typer.Option(False, "--no-resume", help="Train again even if an identical router exists."),
+    overrides: list[str] | None = SetOpt,
+) -> None:
+    """Train the router r(x_t, t) over all shards (needs no expert; runs beside the islands).
 
-    Example: archipelago train-router --config configs/digits-quickstart.yaml
+    Example: archipelago train-router --config configs/digits-quickstart.yaml --data runs/quickstart/data
+    --out runs/quickstart/router
     """
-    _not_yet("train-router", "router and ensemble")
+    from archipelago import storage
+    from archipelago.experts.callbacks import RichProgressCallback
+    from archipelago.router.train import train_router
+
+    cfg = _load(config, overrides)
+    data_url = data or storage.join(cfg.storage.root, "data")
+    out_url = out or storage.join(cfg.storage.root, "router")
+    result = train_router(cfg, data_url, out_url, callbacks=[RichProgressCallback("router")],
+                          class_conditional=not unconditional, resume=not no_resume)
+    m = result["metrics"]
+    bins = "  ".join(f"t{b['t_lo']:.1f}-{b['t_hi']:.1f}: {b['accuracy']:.2f}" for b in m["t_bins"])
+    typer.echo(f"router (K={result['num_experts']}): accuracy {m['accuracy']:.3f} (chance {m['chance']:.3f}), "
+               f"ECE {m['ece']:.3f}, alignment {m['alignment']:.3f} -> {out_url}")
+    typer.echo(f"accuracy per t-bin: {bins}")
 
 
 @app.command("generate")
-def generate_cmd(config: Path = ConfigOpt, overrides: Optional[list[str]] = SetOpt) -> None:
-    """Sample a PNG grid from an ensemble or a single expert.
+def generate_cmd(
+    ensemble: str | None = typer.Option(None, "--ensemble", help="ensemble.json URL (or its directory)."),
+    expert: str | None = typer.Option(None, "--expert", help="One expert checkpoint directory instead."),
+    mode: str = typer.Option("top-1", "--mode", help="Ensemble routing: full | top-1 | top-2 | ... | top-K."),
+    n: int = typer.Option(64, "--n", min=1, help="Number of samples."),
+    cfg_scale: float = typer.Option(2.0, "--cfg", min=0.0, help="Classifier-free guidance scale (1 = off)."),
+    seed: int = typer.Option(0, "--seed", help="Noise seed."),
+    steps: int = typer.Option(32, "--steps", min=1, help="Sampler steps."),
+    sampler: str = typer.Option("euler", "--sampler", help="euler | heun."),
+    out: str = typer.Option("grid.png", "--out", "-o", help="PNG grid URL (GIF for video experts)."),
+    save_tensor: str | None = typer.Option(None, "--save-tensor",
+                                              help="Also write samples + labels as safetensors (for eval)."),
+    device: str = typer.Option("cpu", "--device", help="cpu | cuda | cuda:N."),
+) -> None:
+    """Sample a PNG grid from an ensemble or a single expert (classes 0..9 repeated, seeded noise).
 
-    Example: archipelago generate --ensemble runs/quickstart/ensemble.json --mode top-1 --out grid.png
+    Example: archipelago generate --ensemble runs/quickstart/ensemble.json --mode top-1 --n 64 --cfg 2.0
+    --seed 0 --steps 32 --out grid.png --save-tensor samples.safetensors
     """
-    _not_yet("generate", "router and ensemble")
+    from archipelago.errors import ConfigError
+    from archipelago.generate import (
+        default_classes,
+        generate,
+        load_sampler_model,
+        save_samples,
+        write_picture,
+    )
+
+    if (ensemble is None) == (expert is None):
+        raise ConfigError("generate: give exactly one of --ensemble URL or --expert URL")
+    if sampler not in ("euler", "heun"):
+        raise ConfigError(f"generate: --sampler {sampler!r}; allowed: euler | heun")
+    if ensemble is not None:   # checked before any weights are read
+        from archipelago.ensemble import parse_mode
+        from archipelago.errors import EnsembleError
+
+        try:
+            parse_mode(mode)
+        except EnsembleError as exc:
+            raise ConfigError(f"generate: --mode: {exc}") from None
+    t0 = time.perf_counter()
+    model = load_sampler_model(ensemble or expert, mode=mode, device=device)
+    labels = default_classes(n, model.num_classes)
+    x = generate(model, n, cfg_scale=cfg_scale, seed=seed, steps=steps, sampler=sampler, classes=labels,
+                 device=device)
+    write_picture(x, out)
+    calls = getattr(model, "expert_calls", None)
+    if save_tensor:
+        save_samples(save_tensor, x, labels, {"source": ensemble or expert, "mode": mode if ensemble else None,
+                                              "cfg_scale": cfg_scale, "seed": seed, "steps": steps,
+                                              "sampler": sampler, "expert_calls": calls})
+    what = f"ensemble ({mode}, {calls} expert calls)" if ensemble else "expert"
+    typer.echo(f"{n} samples from {what} in {time.perf_counter() - t0:.1f}s -> {out}"
+               + (f" + {save_tensor}" if save_tensor else ""))
 
 
 @app.command("eval")
-def eval_cmd(config: Path = ConfigOpt, overrides: Optional[list[str]] = SetOpt) -> None:
+def eval_cmd(
+    samples: str = typer.Option(..., "--samples", help="safetensors with 'samples' (+ 'labels'), from generate."),
+    reference: str = typer.Option(..., "--reference", help="Prepared data URL (manifest.json + shards)."),
+    shard: int | None = typer.Option(None, "--shard", help="Compare with this shard only."),
+    out: str | None = typer.Option(None, "--out", help="JSON result URL (default: <samples>.eval.json)."),
+    classifier_cache: str | None = typer.Option(None, "--classifier-cache",
+                                                   help="safetensors URL caching the feature classifier "
+                                                        "(default: under <reference>/eval/)."),
+) -> None:
     """Score samples against reference data (offline feature distance; FID when weights are local).
 
     Example: archipelago eval --samples samples.safetensors --reference runs/quickstart/data
     """
-    _not_yet("eval", "evaluation")
+    from rich.table import Table
+
+    from archipelago import storage
+    from archipelago.eval.metrics import evaluate_samples
+    from archipelago.generate import load_samples
+
+    x, labels = load_samples(samples)
+    result = evaluate_samples(x, labels, reference, shard=shard, cache_url=classifier_cache)
+    out_url = out or samples.removesuffix(".safetensors") + ".eval.json"
+    storage.write_json(out_url, {"samples": samples, **result})
+    table = Table(title=f"eval: {samples} vs {reference}" + (f" shard {shard}" if shard is not None else ""))
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+
+    def fmt(v: object) -> str:
+        return "n/a" if v is None else (f"{v:.4f}" if isinstance(v, float) else str(v))
+
+    for key in ("n_samples", "n_reference", "feature_distance", "reference_floor", "class_consistency",
+                "classifier_test_accuracy", "fid", "kid"):
+        table.add_row(key, fmt(result[key]))
+    Console().print(table)
+    if result.get("fid_note"):
+        typer.echo(result["fid_note"])
+    typer.echo(f"wrote {out_url}")
+
+
+AddressOpt = typer.Option(None, "--address", help="An existing cluster: its dashboard URL (http://host:8265) or "
+                          "GCS address (host:6379). Omit for the local head.")
+RayArgOpt = typer.Option(None, "--ray-arg", help="Extra `ray start` flag, repeatable: "
+                         "--ray-arg=--ray-client-server-port=10002")
+StateOpt = typer.Option(None, "--state-file", help="Where `cluster up` records the local head "
+                        "(default: ~/.archipelago/local-cluster.json or $ARCHIPELAGO_CLUSTER_STATE).")
 
 
 @cluster_app.command("up")
-def cluster_up() -> None:
-    """Start a local Ray head (laptop). Example: archipelago cluster up"""
-    _not_yet("cluster up", "Ray orchestration of islands")
+def cluster_up(
+    num_cpus: int | None = typer.Option(None, "--num-cpus", min=1, help="CPUs the head offers (default: all)."),
+    port: int = typer.Option(6379, "--port", help="GCS port of the head."),
+    dashboard_port: int = typer.Option(8265, "--dashboard-port", help="Dashboard / job-submission port."),
+    temp_dir: str | None = typer.Option(None, "--temp-dir", help="Ray's session root (default /tmp/ray)."),
+    ray_args: list[str] | None = RayArgOpt,
+    address: str | None = AddressOpt,
+    state_file: Path | None = StateOpt,
+) -> None:
+    """Start a local Ray head for the islands (laptop), or check that a remote cluster answers.
+
+    Runs `ray start --head --num-cpus=N --dashboard-host 127.0.0.1` in the background; then submit with
+    `ray job submit --address http://127.0.0.1:8265 --working-dir . -- archipelago train --config ...`.
+
+    Example: archipelago cluster up --num-cpus 4
+    """
+    from archipelago.cluster import local
+
+    if address:
+        typer.echo(local.cluster_status(address))
+        return
+    head, started = local.cluster_up(num_cpus=num_cpus, port=port, dashboard_port=dashboard_port,
+                                     temp_dir=temp_dir, state_file=state_file, extra_args=ray_args)
+    typer.echo(f"{'started' if started else 'already running:'} local Ray head (pid {head.pid}, "
+               f"{head.num_cpus} CPUs): address {head.gcs_address}, dashboard {head.dashboard_url}")
+    typer.echo(f"submit: ray job submit --address {head.dashboard_url} --working-dir . -- archipelago train "
+               f"--config configs/digits-quickstart.yaml --set storage.root=$PWD/runs/quickstart")
 
 
 @cluster_app.command("status")
-def cluster_status() -> None:
-    """Show the Ray cluster. Example: archipelago cluster status"""
-    _not_yet("cluster status", "Ray orchestration of islands")
+def cluster_status(address: str | None = AddressOpt, state_file: Path | None = StateOpt) -> None:
+    """Show the Ray cluster (`ray status`): the local head, or the cluster at --address.
+
+    Example: archipelago cluster status --address http://127.0.0.1:8265
+    """
+    from archipelago.cluster import local
+
+    typer.echo(local.cluster_status(address, state_file=state_file))
 
 
 @cluster_app.command("down")
-def cluster_down() -> None:
-    """Stop the local Ray head. Example: archipelago cluster down"""
-    _not_yet("cluster down", "Ray orchestration of islands")
+def cluster_down(
+    address: str | None = AddressOpt,
+    state_file: Path | None = StateOpt,
+    force: bool = typer.Option(False, "--force", help="No head of ours recorded: run `ray stop` (stops every "
+                               "Ray process of this user on this machine)."),
+) -> None:
+    """Stop the local Ray head that `cluster up` started (only that one); a remote cluster is left alone.
+
+    Example: archipelago cluster down
+    """
+    from archipelago.cluster import local
+
+    if address:
+        typer.echo(f"{local.redact_address(address)} is not managed from this machine; nothing stopped "
+                   f"(shut it down where it was created, e.g. helm uninstall)")
+        return
+    head = local.cluster_down(state_file=state_file)
+    if head is not None:
+        typer.echo(f"stopped local Ray head (pid {head.pid}, {head.gcs_address})")
+    elif force:
+        typer.echo(local.ray_stop_all() or "ray stop: done")
+    else:
+        typer.echo(f"no local head started by `archipelago cluster up` ({local.state_path(state_file)}); "
+                   f"nothing stopped (use --force to run `ray stop`)")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -207,6 +385,58 @@ def quickstart(
     typer.echo(f"samples: {grid_url}")
 
 
+# ----------------------------------------------------------------------------------------------------
+# long video (DualParal)
+# ----------------------------------------------------------------------------------------------------
+
+@app.command("generate-video")
+def generate_video_cmd(
+    expert: str = typer.Option(..., "--expert", help="Video expert checkpoint (a VideoDiT, e.g. trained with "
+                               "configs/moving-digits-video.yaml)."),
+    frames: int = typer.Option(256, "--frames", min=1, help="Frames of the output video."),
+    block: int = typer.Option(8, "--block", min=1, help="Frames per block (<= the training clip length)."),
+    num_cat: int = typer.Option(2, "--num-cat", min=0, help="Context / neighbour-K/V frames between blocks."),
+    steps: int = typer.Option(16, "--steps", min=1, help="Euler steps per block."),
+    world_size: int = typer.Option(1, "--world-size", min=1, help="Pipeline ranks (model blocks split)."),
+    launcher: str = typer.Option("torchrun", "--launcher", help="torchrun | ray | local (world size > 1)."),
+    out: str = typer.Option("video.gif", "--out", "-o", help="GIF URL; the raw video goes next to it as "
+                            ".safetensors unless --tensor-out is given."),
+    tensor_out: str | None = typer.Option(None, "--tensor-out", help="safetensors URL of [N,C,F,H,W]."),
+    labels: str = typer.Option("0", "--labels", help="Comma-separated class per video, e.g. 3 or 1,7."),
+    cfg_scale: float = typer.Option(1.0, "--cfg", min=0.0, help="Classifier-free guidance scale (1 = off)."),
+    seed: int = typer.Option(0, "--seed", help="Noise seed."),
+    noise: str = typer.Option("coordinated", "--noise", help="coordinated | independent block noise."),
+    positions: str = typer.Option("absolute", "--positions", help="absolute | local temporal positions."),
+    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda (one GPU per rank)."),
+    stats: str | None = typer.Option(None, "--stats", help="JSON URL with every rank's measurements."),
+) -> None:
+    """Generate a video far longer than the training clips with DualParal (block-wise denoising over a ring
+    pipeline of model stages; world size 1 is the single-device reference of the same schedule).
+
+    Example: archipelago generate-video --expert runs/moving-digits-video/experts/expert-0/final
+    --frames 256 --block 8 --num-cat 2 --steps 16 --world-size 2 --launcher torchrun --out video.gif
+    By hand: torchrun --standalone --nproc-per-node 2 -m archipelago.inference.video_cli --expert CKPT
+    --frames 256 --out video.gif
+    """
+    from archipelago.errors import ConfigError
+    from archipelago.inference.video_cli import VideoSpec, generate_video
+
+    try:
+        label_list = [int(v) for v in labels.split(",")]
+    except ValueError:
+        raise ConfigError(f"generate-video: --labels {labels!r} must be comma-separated integers") from None
+    spec = VideoSpec.create(expert=expert, frames=frames, block=block, num_cat=num_cat, steps=steps,
+                            cfg_scale=cfg_scale, labels=label_list, seed=seed, noise=noise, positions=positions,
+                            device=device, out=out, tensor_out=tensor_out, stats=stats)
+    t0 = time.perf_counter()
+    ranks = generate_video(spec, world_size=world_size, launcher=launcher)
+    r0 = ranks[0]
+    sent = sum(r["comm"].get("total_bytes", 0) for r in ranks)
+    typer.echo(f"{frames} frames ({r0['describe']}) in {time.perf_counter() - t0:.1f}s, pipeline "
+               f"{max(r['latency_s'] for r in ranks):.2f}s, {sent / 2**20:.1f} MiB sent -> {out} + "
+               f"{spec.tensor_url()}")
+
+
 def main() -> None:
     debug = os.environ.get("ARCHIPELAGO_DEBUG") == "1" or "--debug" in sys.argv[1:]
     try:
@@ -214,8 +444,13 @@ def main() -> None:
     except ArchipelagoError as exc:
         if debug:
             raise
-        line = " ".join(str(exc).split("\n"))
-        console.print(f"[bold red]error:[/] {line}", highlight=False, soft_wrap=True)
+        from rich.markup import escape
+
+        from archipelago.storage import redact
+
+        line = " ".join(redact(str(exc)).split("\n"))
+        # escape: a path like runs/[exp1]/cfg.yaml is the culprit to name, not rich markup to swallow
+        console.print(f"[bold red]error:[/] {escape(line)}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except KeyboardInterrupt:
         console.print("interrupted", highlight=False)

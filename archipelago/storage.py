@@ -79,7 +79,9 @@ def _errors(url: str, action: str) -> Iterator[None]:
         yield
     except StorageError:
         raise
-    except FileNotFoundError:
+    except FileNotFoundError as exc:
+        if "NoSuchBucket" in str(exc) or "bucket does not exist" in str(exc):  # s3fs maps NoSuchBucket here
+            raise StorageError(f"{url}: cannot {action}: bucket does not exist; create it or fix the URL") from None
         raise StorageError(f"{url}: not found while trying to {action}") from None
     except PermissionError as exc:
         raise StorageError(redact(f"{url}: permission denied while trying to {action} ({exc}); "
@@ -201,7 +203,7 @@ def sha256_url(url: str) -> str:
 
 def ensure_reachable(url: str) -> None:
     """Touch the store once so an unreachable endpoint fails here with one line, not deep in a job."""
-    with _errors(url, "reach the store"):
+    with _errors(url, "access the store"):
         if is_local(url):
             return
         fs, path = filesystem(url)

@@ -4,7 +4,9 @@ Idempotent: a verified manifest with the same data-config hash is reused untouch
 rebuilt, and the old manifest is removed first so a half-rewritten directory never looks complete."""
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -47,6 +49,18 @@ def _reusable(out_url: str, config_hash: str) -> ShardManifest | None:
         return None
 
 
+@contextlib.contextmanager
+def _progress(columns: tuple, enabled: bool) -> Iterator[Progress]:
+    """A rich progress bar on stderr that vanishes when preparation fails: the error is then the only line."""
+    bar = Progress(*columns, console=Console(stderr=True), disable=not enabled, transient=False)
+    with bar:
+        try:
+            yield bar
+        except BaseException:
+            bar.live.transient = True
+            raise
+
+
 def prepare_data(cfg: DataConfig, out_url: str, progress: bool = True) -> ShardManifest:
     """Build (or reuse) the K shards + manifest for `cfg` under `out_url`; returns the manifest."""
     config_hash = data_config_hash(cfg)
@@ -60,7 +74,7 @@ def prepare_data(cfg: DataConfig, out_url: str, progress: bool = True) -> ShardM
     k = cfg.num_clusters
     columns = (TextColumn("[bold]data prepare[/] {task.description}"), BarColumn(), MofNCompleteColumn(),
                TimeElapsedColumn())
-    with Progress(*columns, console=Console(stderr=True), disable=not progress, transient=False) as bar:
+    with _progress(columns, progress) as bar:
         task = bar.add_task("load source", total=3 + k)
 
         # --- source ---

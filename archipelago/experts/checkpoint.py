@@ -1,0 +1,345 @@
+"""The one checkpoint format of an expert run, and the one way to read it back.
+
+    run_url/checkpoints/step-00000100/   model.safetensors   raw (trained) weights, full
+                                         ema.safetensors     EMA weights: what sampling uses
+                                         rng.safetensors     per-rank RNG states (torch + noise generator)
+                                         optimizer/...       strategy-specific (see parallelize.py)
+                                         meta.json           written LAST: the commit marker
+    run_url/final/                       the same layout, for the last step
+
+A directory without meta.json is incomplete (the writer died) and is ignored; `latest()` also checks every
+file's sha256 against meta.json. Every write goes through `archipelago.storage` (atomic; local, memory://,
+s3://). Nothing here unpickles: weights are safetensors, structure is JSON (optimizer-state formats and
+their safety are described in parallelize.py).
+"""
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from archipelago import storage
+from archipelago.errors import CheckpointError, StorageError
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+META = "meta.json"
+MODEL = "model.safetensors"
+EMA = "ema.safetensors"
+RNG = "rng.safetensors"
+OPTIM_DIR = "optimizer"
+_STEP_PREFIX = "step-"
+
+
+def model_classes() -> dict[str, type[nn.Module]]:
+    """Expert architectures a checkpoint may name (meta.json `model.class`)."""
+    from archipelago.experts import MODEL_CLASSES
+
+    return dict(MODEL_CLASSES)
+
+
+def model_record(model: nn.Module) -> dict[str, Any]:
+    """{"class": ..., "args": constructor kwargs} of an unwrapped expert (what rebuilds it)."""
+    from archipelago.experts.dit import model_args
+
+    return {"class": type(model).__name__, "args": model_args(model)}
+
+
+def _rank_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def _gather_objects(obj: Any) -> list[Any]:
+    """Every rank's `obj`, in rank order, on every rank ([obj] without a process group)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def encode_tensors(tensors: dict[str, torch.Tensor], kind: str) -> bytes:
+    from safetensors.torch import save
+
+    return save({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()},
+                metadata={"format": "pt", "archipelago": kind})
+
+
+def decode_tensors(data: bytes, name: str) -> dict[str, torch.Tensor]:
+    """safetensors bytes -> tensors; a truncated / foreign (e.g. pickle) file is one CheckpointError line."""
+    from safetensors.torch import load
+
+    try:
+        return load(data)
+    except Exception as exc:  # noqa: BLE001 - SafetensorError, ValueError, OSError
+        raise CheckpointError(f"{name}: not a valid safetensors file ({type(exc).__name__}: truncated, "
+                              f"corrupt, or another format such as a pickle)") from None
+
+
+class CheckpointManager:
+    """Save / find / purge checkpoints of one expert run under `run_url`.
+
+    `save` is a collective (call it on every rank): rank 0 writes weights, EMA, RNG and meta.json, every
+    rank writes its own optimizer shard (FSDP2, DeepSpeed); then all ranks meet at a barrier.
+    `run_meta` (config hash, model record, shard and data hashes) is merged into every meta.json.
+    """
+
+    def __init__(self, run_url: str, keep: int = 2, run_meta: dict[str, Any] | None = None):
+        if keep < 1:
+            raise ValueError(f"keep={keep} must be >= 1")
+        self.run_url = run_url.rstrip("/")
+        self.keep = keep
+        self.run_meta = dict(run_meta or {})
+
+    # --- layout ---
+    @property
+    def checkpoints_url(self) -> str:
+        return storage.join(self.run_url, "checkpoints")
+
+    @property
+    def final_url(self) -> str:
+        return storage.join(self.run_url, "final")
+
+    def step_url(self, step: int) -> str:
+        return storage.join(self.checkpoints_url, f"{_STEP_PREFIX}{step:08d}")
+
+    def steps(self) -> list[int]:
+        """Steps that have a checkpoint directory (complete or not), ascending."""
+        out = []
+        for name in storage.listdir(self.checkpoints_url):
+            if name.startswith(_STEP_PREFIX) and name[len(_STEP_PREFIX):].isdigit():
+                out.append(int(name[len(_STEP_PREFIX):]))
+        return sorted(out)
+
+    def complete_steps(self) -> list[int]:
+        """Steps whose meta.json exists (not hash-verified), ascending."""
+        return [s for s in self.steps() if storage.exists(storage.join(self.step_url(s), META))]
+
+    # --- saving ---
+    def save(self, step: int, wrapped: Any, ema: Any, rng: dict[str, torch.Tensor] | None = None,
+             metrics: dict[str, Any] | None = None, final: bool = False) -> str:
+        """Write checkpoint `step` (and, if final, a copy at run_url/final/); returns its URL.
+
+        wrapped: parallelize.Wrapped (weights and optimizer state); ema: experts.ema.EMA (a plain full
+        model on every rank); rng: this rank's RNG states (name -> uint8 tensor).
+        """
+        t0 = time.perf_counter()
+        rank, world_size = _rank_world()
+        url = self.step_url(step)
+        if rank == 0:  # a directory left by a killed writer must not look complete while we rewrite it
+            storage.remove(storage.join(url, META))
+        _barrier()
+
+        # Weights (gathering is a collective for FSDP2 / ZeRO-3), EMA, RNG of every rank.
+        full = wrapped.full_state_dict()
+        rngs = _gather_objects({k: v.detach().cpu() for k, v in (rng or {}).items()})
+        files: dict[str, str] = {}
+        if rank == 0:
+            files[MODEL] = storage.write_bytes(storage.join(url, MODEL), encode_tensors(full, "model"))
+            files[EMA] = storage.write_bytes(storage.join(url, EMA), encode_tensors(ema.state_dict(), "ema"))
+            flat = {f"rank{r}.{k}": v for r, states in enumerate(rngs) for k, v in states.items()}
+            files[RNG] = storage.write_bytes(storage.join(url, RNG), encode_tensors(flat, "rng"))
+        del full
+
+        # Optimizer state: each rank writes locally, then uploads its own files through storage.
+        with tempfile.TemporaryDirectory(prefix="archipelago-optim-") as tmp:
+            wrapped.save_optimizer(Path(tmp))
+            mine = storage.upload_dir(Path(tmp), storage.join(url, OPTIM_DIR))
+        for rank_files in _gather_objects(mine):
+            for rel, digest in rank_files.items():
+                name = f"{OPTIM_DIR}/{rel}"
+                if files.get(name, digest) != digest:
+                    raise CheckpointError(f"{name}: written by two ranks with different contents")
+                files[name] = digest
+
+        # meta.json last: the commit marker.
+        if rank == 0:
+            meta = {**self.run_meta, "format_version": FORMAT_VERSION, "step": step, "final": final,
+                    "strategy": wrapped.strategy, "world_size": world_size,
+                    "zero_stage": wrapped.cfg.zero_stage if wrapped.strategy == "deepspeed" else None,
+                    "files": files, "metrics": dict(metrics or {}), "created_at": time.time(),
+                    "torch_version": torch.__version__}
+            storage.write_json(storage.join(url, META), meta)
+            if final:
+                self._copy(url, self.final_url, meta)
+            self.purge()
+            log.info("checkpoint step %d -> %s (%.2fs)", step, url, time.perf_counter() - t0)
+        _barrier()
+        return self.final_url if final else url
+
+    def _copy(self, src: str, dst: str, meta: dict[str, Any]) -> None:
+        storage.remove(storage.join(dst, META))
+        for name in meta["files"]:
+            storage.write_bytes(storage.join(dst, name), storage.read_bytes(storage.join(src, name)))
+        storage.write_json(storage.join(dst, META), meta)
+
+    def purge(self) -> None:
+        """Delete periodic checkpoints beyond the newest `keep`, and incomplete ones older than those.
+
+        A final checkpoint is never deleted.
+        """
+        complete = self.complete_steps()
+        periodic = [s for s in complete if not self._is_final(s)]
+        doomed = set(periodic[:-self.keep]) if len(periodic) > self.keep else set()
+        if complete:
+            doomed |= {s for s in self.steps() if s < complete[-1] and s not in complete}
+        for s in sorted(doomed):
+            storage.remove(self.step_url(s), recursive=True)
+            log.debug("purged checkpoint step %d", s)
+
+    def _is_final(self, step: int) -> bool:
+        try:
+            return bool(storage.read_json(storage.join(self.step_url(step), META)).get("final"))
+        except StorageError:
+            return False
+
+    # --- finding ---
+    def latest(self) -> str | None:
+        """URL of the newest checkpoint whose meta.json exists and whose files all match their sha256."""
+        for step in reversed(self.complete_steps()):
+            url = self.step_url(step)
+            try:
+                verify_checkpoint(url)
+                return url
+            except CheckpointError as exc:
+                log.warning("skipping checkpoint %s: %s", url, exc)
+        return None
+
+
+# ----------------------------------------------------------------------------------------------------
+# Reading
+# ----------------------------------------------------------------------------------------------------
+
+def read_meta(ckpt_url: str) -> dict[str, Any]:
+    """meta.json of a checkpoint, format-checked; CheckpointError (one line) if missing or foreign."""
+    url = storage.join(ckpt_url, META)
+    try:
+        if not storage.exists(url):
+            raise CheckpointError(f"{url}: missing (the checkpoint is incomplete or this is not a checkpoint)")
+        meta = storage.read_json(url)
+    except StorageError as exc:
+        raise CheckpointError(str(exc)) from None
+    if not isinstance(meta, dict) or "files" not in meta or "model" not in meta:
+        raise CheckpointError(f"{url}: not an Archipelago expert checkpoint")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{url}: format version {meta.get('format_version')}, this Archipelago reads "
+                              f"{FORMAT_VERSION}")
+    return meta
+
+
+def read_file(ckpt_url: str, name: str, meta: dict[str, Any]) -> bytes:
+    """Bytes of one checkpoint file, checked against its sha256 in meta.json."""
+    url = storage.join(ckpt_url, name)
+    expected = meta["files"].get(name)
+    if expected is None:
+        raise CheckpointError(f"{url}: not listed in meta.json")
+    try:
+        data = storage.read_bytes(url)
+    except StorageError as exc:
+        raise CheckpointError(str(exc)) from None
+    digest = storage.sha256_bytes(data)
+    if digest != expected:
+        raise CheckpointError(f"{url}: sha256 mismatch with meta.json (file {digest[:12]}…, expected "
+                              f"{expected[:12]}…): truncated or modified")
+    return data
+
+
+def read_tensors(ckpt_url: str, name: str, meta: dict[str, Any]) -> dict[str, torch.Tensor]:
+    return decode_tensors(read_file(ckpt_url, name, meta), storage.join(ckpt_url, name))
+
+
+def verify_checkpoint(ckpt_url: str) -> dict[str, Any]:
+    """Check meta.json and every listed file's sha256; returns meta."""
+    meta = read_meta(ckpt_url)
+    for name in meta["files"]:
+        read_file(ckpt_url, name, meta)
+    return meta
+
+
+def download_optimizer(ckpt_url: str, meta: dict[str, Any], local_dir: Path) -> None:
+    """Fetch optimizer/ files (sha256-checked) into local_dir, for Wrapped.load_optimizer."""
+    prefix = f"{OPTIM_DIR}/"
+    for name in meta["files"]:
+        if name.startswith(prefix):
+            dst = Path(local_dir) / name[len(prefix):]
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            dst.write_bytes(read_file(ckpt_url, name, meta))
+
+
+def build_model(meta: dict[str, Any], where: str = "meta.json") -> nn.Module:
+    """A fresh plain model from meta's model record (class + constructor kwargs)."""
+    record = meta.get("model") or {}
+    classes = model_classes()
+    cls = classes.get(record.get("class"))
+    if cls is None:
+        raise CheckpointError(f"{where}: unknown model class {record.get('class')!r} "
+                              f"(known: {', '.join(classes)})")
+    try:
+        return cls(**record.get("args", {}))
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"{where}: model args do not build a {cls.__name__} ({exc})") from None
+
+
+def load_weights(model: nn.Module, tensors: dict[str, torch.Tensor], name: str) -> None:
+    """Strict load; a shape/key mismatch (another architecture) is one CheckpointError line."""
+    try:
+        model.load_state_dict(tensors, strict=True)
+    except RuntimeError as exc:
+        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+        detail = lines[1] if len(lines) > 1 else (lines[0] if lines else "")
+        raise CheckpointError(f"{name}: weights do not fit the model architecture ({detail[:200]})") from None
+
+
+def load_expert(ckpt_url: str, ema: bool = True, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
+    """(plain single-device DiT/VideoDiT in eval mode, meta) from a checkpoint; EMA weights by default.
+
+    Verifies the sha256 of the weights file against meta.json; never unpickles.
+    """
+    meta = read_meta(ckpt_url)
+    name = EMA if ema else MODEL
+    model = build_model(meta, storage.join(ckpt_url, META))
+    load_weights(model, read_tensors(ckpt_url, name, meta), storage.join(ckpt_url, name))
+    return model.to(device).eval(), meta
+
+
+def check_resumable(meta: dict[str, Any], ckpt_url: str, model: nn.Module, strategy: str, world_size: int,
+                    zero_stage: int | None, expect: dict[str, Any] | None = None) -> None:
+    """Refuse to resume into another architecture, onto other data (`expect`: meta fields that must be
+    equal, e.g. shard and shard sha256), or with optimizer state the current strategy cannot read."""
+    want = model_record(model)
+    if meta.get("model") != want:
+        have = meta.get("model", {})
+        diff = sorted(k for k in set(want["args"]) | set(have.get("args", {}))
+                      if want["args"].get(k) != have.get("args", {}).get(k))
+        raise CheckpointError(f"{storage.join(ckpt_url, META)}: architecture differs from the config "
+                              f"({have.get('class')} vs {want['class']}; fields {', '.join(diff) or 'class'}); "
+                              f"use another output URL or the original config")
+    for key, value in (expect or {}).items():
+        if meta.get(key) != value:
+            raise CheckpointError(f"{storage.join(ckpt_url, META)}: {key} is {meta.get(key)!r}, this run has "
+                                  f"{value!r}; use another output URL for another shard or data set")
+    saved = meta.get("strategy")
+    plain = {"single", "ddp"}
+    ok = (saved in plain and strategy in plain) or (
+        saved == strategy == "fsdp2") or (
+        saved == strategy == "deepspeed" and meta.get("world_size") == world_size
+        and meta.get("zero_stage") == zero_stage)
+    if not ok:
+        raise CheckpointError(f"{storage.join(ckpt_url, META)}: optimizer state was written by strategy "
+                              f"{saved} (world size {meta.get('world_size')}, zero stage {meta.get('zero_stage')}) "
+                              f"and cannot be resumed by {strategy} (world size {world_size}); resume with the "
+                              f"original strategy or start a new run")

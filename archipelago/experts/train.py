@@ -1,0 +1,425 @@
+"""Train one expert on one data shard: the island's training function, the same code in three settings.
+
+    in-process       train_expert(cfg, shard=0, data_url="runs/data", out_url="runs/x/expert-000")
+    torchrun         torchrun --nproc-per-node 2 -m archipelago.experts.train --config configs/x.yaml \\
+                         --shard 0 --data runs/data --out runs/x/expert-000 --set expert.strategy=fsdp2
+    multi-node       torchrun --nnodes 2 --node-rank R --rdzv-backend c10d --rdzv-endpoint HOST:29400 \\
+                         --nproc-per-node 8 -m archipelago.experts.train ...
+    Ray Train        the island's train function calls train_expert(...) after Ray has set up the group.
+
+The process group is used if one exists (Ray Train), created from the torchrun environment if
+WORLD_SIZE > 1 (gloo on CPU, NCCL on GPU), and otherwise we run as a single process (ddp / fsdp2 /
+deepspeed then get a one-rank group of their own). Rank r draws noise,
+t and label dropout from seed * world_size + r; the data order is one seeded permutation per epoch split
+across ranks (disjoint, like DistributedSampler), computed from the step number so a resumed run needs
+no sampler state. Rank 0 writes; every checkpoint ends at a barrier.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import math
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from archipelago import storage
+from archipelago.config import ArchipelagoConfig, ExpertConfig
+from archipelago.errors import ArchipelagoError, CheckpointError, ConfigError, DataError
+from archipelago.experts import checkpoint as ckpt
+from archipelago.experts.callbacks import JsonlMetricsCallback, RichProgressCallback, TrainCallback
+from archipelago.experts.parallelize import apply_strategy, micro_batch_size, world
+
+log = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Pieces the loop uses: LR schedule, data order, distributed setup
+# ----------------------------------------------------------------------------------------------------
+
+def lr_at(step: int, cfg: ExpertConfig) -> float:
+    """LR of optimizer step `step` (0-based): linear warm-up to cfg.lr, then cosine to lr * lr_min_ratio."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    lr_min = cfg.lr * cfg.lr_min_ratio
+    decay_steps = max(1, cfg.steps - cfg.warmup_steps)
+    progress = min(1.0, (step - cfg.warmup_steps) / decay_steps)
+    return lr_min + (cfg.lr - lr_min) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class ShardSampler:
+    """Indices of micro-batch i for one rank: each epoch is one permutation of the shard (seed + epoch,
+    the same on every rank), cut to a multiple of world_size and dealt rank::world_size, so ranks see
+    disjoint samples. A pure function of i: resuming needs only the step number."""
+
+    def __init__(self, n: int, world_size: int, rank: int, seed: int):
+        self.n, self.world_size, self.rank, self.seed = n, world_size, rank, seed
+        self.per_rank = n // world_size
+        if self.per_rank == 0:
+            raise DataError(f"shard has {n} samples, fewer than the {world_size} ranks training it")
+        self._epoch = -1
+        self._perm = torch.empty(0, dtype=torch.int64)
+
+    def _rank_perm(self, epoch: int) -> torch.Tensor:
+        if epoch != self._epoch:
+            g = torch.Generator().manual_seed(self.seed + epoch)
+            perm = torch.randperm(self.n, generator=g)[: self.per_rank * self.world_size]
+            self._perm, self._epoch = perm[self.rank::self.world_size], epoch
+        return self._perm
+
+    def indices(self, micro_index: int, micro_batch: int) -> torch.Tensor:
+        pos, parts, need = micro_index * micro_batch, [], micro_batch
+        while need:
+            epoch, off = divmod(pos, self.per_rank)
+            take = min(need, self.per_rank - off)
+            parts.append(self._rank_perm(epoch)[off:off + take])
+            pos, need = pos + take, need - take
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+def setup_distributed(strategy: str = "single") -> tuple[bool, torch.device]:
+    """Use an existing process group (Ray Train); else create one from torchrun's environment when
+    WORLD_SIZE > 1 or a multi-process strategy runs under torchrun with one process; else, for such a
+    strategy started in-process, a one-rank group on an in-memory store; else none (single).
+
+    Returns (whether we created the group, so we destroy it; the device of this rank)."""
+    created = False
+    if dist.is_available() and not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1 or (strategy != "single" and "MASTER_ADDR" in os.environ):
+            dist.init_process_group(backend=backend)
+            created = True
+        elif strategy != "single":
+            dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1)
+            created = True
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", torch.cuda.current_device())))
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    return created, device
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """bf16 autocast where the device supports it (CPU always; CUDA if the GPU has bf16), else fp32."""
+    if precision != "bf16":
+        return contextlib.nullcontext()
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        log.warning("precision=bf16 requested but %s has no bf16; training in fp32", device)
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def rng_state(noise: torch.Generator) -> dict[str, torch.Tensor]:
+    out = {"torch": torch.get_rng_state(), "noise": noise.get_state()}
+    if torch.cuda.is_available():
+        out["cuda"] = torch.cuda.get_rng_state()
+    return out
+
+
+def _from_rank0(obj: Any) -> Any:
+    """Rank 0's `obj` on every rank (obj itself without a process group)."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+    return obj
+
+
+def _mean_over_ranks(value: torch.Tensor) -> float:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        value = value.detach().clone()
+        dist.all_reduce(value)
+        value /= dist.get_world_size()
+    return float(value)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The island training function
+# ----------------------------------------------------------------------------------------------------
+
+def train_expert(cfg: ArchipelagoConfig, shard: int, data_url: str, out_url: str,
+                 callbacks: Iterable[TrainCallback] = (), resume: bool = True,
+                 max_steps: int | None = None) -> dict[str, Any]:
+    """Train expert `shard` on `data_url`'s shard, writing checkpoints and metrics.jsonl under `out_url`.
+
+    resume: continue from the newest complete checkpoint under out_url (a finished run with the same
+        config returns its result at once, with "cached": True); False deletes out_url's checkpoints
+        and starts over.
+    max_steps: stop after this step without a final checkpoint (simulates an interruption).
+    callbacks: TrainCallback hooks, called on every rank (a JsonlMetricsCallback writing
+        out_url/metrics.jsonl always runs first).
+    Returns {final_checkpoint (URL or None), steps, start_step, final_loss, samples_per_s (checkpoint time
+    excluded), strategy, world_size, checkpoint_s, wall_s, out_url, shard}.
+    """
+    from archipelago.data.shards import load_manifest, manifest_sha256, read_shard
+    from archipelago.experts.ema import EMA
+    from archipelago.experts.flow import flow_matching_loss
+
+    ecfg = cfg.expert
+    t_start = time.perf_counter()
+
+    # ---- distributed setup -------------------------------------------------------------------------
+    created_group, device = setup_distributed(ecfg.strategy)
+    try:
+        rank, world_size = world()
+        if ecfg.strategy == "single" and world_size > 1:
+            raise ConfigError(f"field 'expert.strategy': 'single' cannot use {world_size} ranks; choose ddp, "
+                              f"fsdp2 or deepspeed")
+        rank_seed = ecfg.seed * world_size + rank
+        callbacks = [JsonlMetricsCallback(storage.join(out_url, "metrics.jsonl")), *callbacks]
+
+        # ---- data: the whole shard in memory (shards are small), on the device -----------------------
+        manifest = load_manifest(data_url)
+        data = read_shard(data_url, shard, manifest=manifest)
+        images, labels = data.images.to(device), data.labels.to(device)
+        micro = micro_batch_size(ecfg, world_size)
+        sampler = ShardSampler(len(data), world_size, rank, ecfg.seed)
+
+        # ---- model: identical init on every rank (seed), EMA copied before any wrapping --------------
+        torch.manual_seed(ecfg.seed)
+        model = _build_model(ecfg, manifest.image_shape, manifest.num_classes)
+        ema = EMA(model, ecfg.ema_decay)
+        ckpts_meta = {
+            "name": cfg.name, "config_hash": cfg.config_hash(), "model": ckpt.model_record(model),
+            "shard": shard, "shard_sha256": manifest.shards[shard].sha256,
+            "data_manifest_sha256": manifest_sha256(data_url), "image_shape": manifest.image_shape,
+            "num_classes": manifest.num_classes, "expert": ecfg.model_dump(mode="json")}
+        manager = ckpt.CheckpointManager(out_url, keep=ecfg.keep_checkpoints, run_meta=ckpts_meta)
+
+        # ---- resume: a finished run is returned as is; otherwise weights go in before wrapping, so every
+        #      strategy shards / partitions the restored weights ------------------------------------------
+        resume_url, resume_meta = None, None
+        if not resume:
+            # Starting over: checkpoints of an earlier run must not be mistaken for this run's later.
+            if rank == 0:
+                for name in ("checkpoints", "final"):
+                    storage.remove(storage.join(out_url, name), recursive=True)
+            if world_size > 1:
+                dist.barrier()
+        else:
+            # Rank 0 decides and tells the others, so all ranks resume from the same checkpoint.
+            found = None
+            if rank == 0:
+                finished = _finished(manager, cfg) if max_steps is None else None
+                found = (finished, None if finished else manager.latest())
+            done, resume_url = _from_rank0(found)
+            if done is not None:
+                if rank == 0:
+                    log.info("%s: already trained (config %s…); nothing to do", out_url, cfg.config_hash()[:12])
+                for cb in callbacks[1:]:
+                    cb.on_end(done)
+                return done
+        start_step = 0
+        if resume_url is not None:
+            resume_meta = ckpt.read_meta(resume_url)
+            ckpt.check_resumable(resume_meta, resume_url, model, ecfg.strategy, world_size,
+                                 ecfg.zero_stage if ecfg.strategy == "deepspeed" else None,
+                                 expect={"shard": shard, "shard_sha256": ckpts_meta["shard_sha256"]})
+            ckpt.load_weights(model, ckpt.read_tensors(resume_url, ckpt.MODEL, resume_meta), ckpt.MODEL)
+            ema.load_state_dict(ckpt.read_tensors(resume_url, ckpt.EMA, resume_meta))
+            start_step = int(resume_meta["step"])
+            if start_step > ecfg.steps:
+                raise CheckpointError(f"{resume_url}: step {start_step} is beyond expert.steps={ecfg.steps}; "
+                                      f"raise expert.steps or use another output URL")
+            if rank == 0:
+                log.info("resuming from %s (step %d)", resume_url, start_step)
+
+        # ---- strategy ----------------------------------------------------------------------------------
+        wrapped = apply_strategy(model, ecfg, device)
+        ema.to(device)
+        torch.manual_seed(rank_seed)                       # label dropout draws from the global RNG
+        noise = torch.Generator(device=device).manual_seed(rank_seed)   # noise and t
+        if resume_url is not None:
+            with tempfile.TemporaryDirectory(prefix="archipelago-resume-") as tmp:
+                ckpt.download_optimizer(resume_url, resume_meta, Path(tmp))
+                wrapped.load_optimizer(Path(tmp))
+            _restore_rng(resume_url, resume_meta, rank, world_size, noise)
+
+        # ---- loop --------------------------------------------------------------------------------------
+        total = ecfg.steps
+        last = total if max_steps is None else min(total, max_steps)
+        info = {"rank": rank, "world_size": world_size, "strategy": ecfg.strategy, "start_step": start_step,
+                "total_steps": total, "out_url": out_url, "config": cfg, "shard": shard,
+                "model": wrapped.module, "ema": ema}
+        for cb in callbacks:
+            cb.on_start(info)
+        wrapped.module.train()
+        amp = autocast(device, ecfg.precision)
+        loss_sum = torch.zeros((), device=device)
+        window_steps, window_t0 = 0, time.perf_counter()
+        loop_s = ckpt_s = 0.0
+        steps_timed = 0
+        final_loss = float("nan")
+        metrics: dict[str, float] = {}
+        for step in range(start_step + 1, last + 1):
+            lr = lr_at(step - 1, ecfg)
+            wrapped.set_lr(lr)
+            for m in range(ecfg.grad_accum):
+                idx = sampler.indices((step - 1) * ecfg.grad_accum + m, micro)
+                with amp:
+                    loss = flow_matching_loss(wrapped.module, images[idx], labels[idx], generator=noise)
+                wrapped.backward(loss, sync=m == ecfg.grad_accum - 1)
+                loss_sum += loss.detach()
+            grad_norm = wrapped.step()
+            wrapped.update_ema(ema)
+            window_steps += 1
+
+            if step % ecfg.log_every == 0 or step == last:
+                mean_loss = _mean_over_ranks(loss_sum) / (window_steps * ecfg.grad_accum)
+                elapsed = time.perf_counter() - window_t0
+                loop_s, steps_timed = loop_s + elapsed, steps_timed + window_steps
+                metrics = {"loss": mean_loss, "lr": lr, "grad_norm": float(grad_norm),
+                           "samples_per_s": window_steps * ecfg.batch_size / elapsed,
+                           "step_time_s": elapsed / window_steps}
+                final_loss = mean_loss
+                for cb in callbacks:
+                    cb.on_step(step, metrics)
+                loss_sum.zero_()
+                window_steps, window_t0 = 0, time.perf_counter()
+
+            # Periodic checkpoint; also at step 1, so a bad store or strategy fails in seconds, not hours.
+            if step < total and (step % ecfg.checkpoint_every == 0 or step == 1):
+                t0 = time.perf_counter()
+                url = manager.save(step, wrapped, ema, rng=rng_state(noise), metrics=metrics)
+                for cb in callbacks:
+                    cb.on_checkpoint(step, url)
+                ckpt_s += time.perf_counter() - t0
+                window_t0 += time.perf_counter() - t0      # checkpoint time is not step time
+
+        # ---- final checkpoint --------------------------------------------------------------------------
+        final_url = None
+        if last == total:
+            t0 = time.perf_counter()
+            final_url = manager.save(total, wrapped, ema, rng=rng_state(noise), metrics=metrics, final=True)
+            for cb in callbacks:
+                cb.on_checkpoint(total, final_url)
+            ckpt_s += time.perf_counter() - t0
+        result = {"final_checkpoint": final_url, "steps": last, "start_step": start_step,
+                  "final_loss": final_loss,
+                  "samples_per_s": steps_timed * ecfg.batch_size / loop_s if loop_s > 0 else float("nan"),
+                  "strategy": ecfg.strategy, "world_size": world_size, "checkpoint_s": ckpt_s,
+                  "wall_s": time.perf_counter() - t_start, "out_url": out_url, "shard": shard}
+        for cb in callbacks:
+            cb.on_end(result)
+        if created_group and world_size > 1:
+            dist.barrier()   # no rank tears the group down while a peer still talks to it (gloo aborts)
+        return result
+    finally:
+        if created_group and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _build_model(ecfg: ExpertConfig, image_shape: list[int], num_classes: int) -> torch.nn.Module:
+    """DiT for [C,H,W] shards, VideoDiT for [C,F,H,W]."""
+    if len(image_shape) == 4:
+        from archipelago.experts.video_dit import build_video_dit
+
+        return build_video_dit(ecfg, input_size=image_shape[-1], in_channels=image_shape[0],
+                               num_classes=num_classes)
+    from archipelago.experts.dit import build_dit
+
+    return build_dit(ecfg, input_size=image_shape[-1], in_channels=image_shape[0], num_classes=num_classes)
+
+
+def _finished(manager: ckpt.CheckpointManager, cfg: ArchipelagoConfig) -> dict[str, Any] | None:
+    """The result of an earlier run of this exact config, if its final checkpoint is complete and valid."""
+    url = manager.final_url
+    if not storage.exists(storage.join(url, ckpt.META)):
+        return None
+    try:
+        meta = ckpt.verify_checkpoint(url)
+    except CheckpointError as exc:
+        log.warning("%s: final checkpoint is not valid (%s); training again", url, exc)
+        return None
+    if meta.get("config_hash") != cfg.config_hash():
+        return None
+    m = meta.get("metrics", {})
+    return {"final_checkpoint": url, "steps": meta["step"], "start_step": meta["step"],
+            "final_loss": m.get("loss", float("nan")), "samples_per_s": m.get("samples_per_s", float("nan")),
+            "strategy": meta["strategy"], "world_size": meta["world_size"], "checkpoint_s": 0.0, "wall_s": 0.0,
+            "out_url": manager.run_url, "shard": meta.get("shard"), "cached": True}
+
+
+def _restore_rng(url: str, meta: dict[str, Any], rank: int, world_size: int, noise: torch.Generator) -> None:
+    """Restore this rank's RNG streams; with another world size the streams cannot match, so reseed."""
+    states = ckpt.read_tensors(url, ckpt.RNG, meta)
+    if meta.get("world_size") != world_size or f"rank{rank}.noise" not in states:
+        seed = (int(meta["step"]) + 1) * 1_000_003 + rank
+        log.warning("resuming at world size %d from a world-size-%s checkpoint: RNG reseeded", world_size,
+                    meta.get("world_size"))
+        torch.manual_seed(seed)
+        noise.manual_seed(seed)
+        return
+    torch.set_rng_state(states[f"rank{rank}.torch"])
+    noise.set_state(states[f"rank{rank}.noise"])
+    if torch.cuda.is_available() and f"rank{rank}.cuda" in states:
+        torch.cuda.set_rng_state(states[f"rank{rank}.cuda"])
+
+
+# ----------------------------------------------------------------------------------------------------
+# CLI entry point (python -m archipelago.experts.train / torchrun)
+# ----------------------------------------------------------------------------------------------------
+
+def main(argv: list[str] | None = None) -> int:
+    from archipelago.config import load_config
+
+    p = argparse.ArgumentParser(
+        prog="python -m archipelago.experts.train",
+        description="Train one expert on one shard (single process, or under torchrun).",
+        epilog="example: torchrun --nproc-per-node 2 -m archipelago.experts.train --config "
+               "configs/digits-quickstart.yaml --shard 0 --data runs/data --out runs/expert-000 "
+               "--set expert.strategy=ddp")
+    p.add_argument("--config", default=None, help="YAML config (default: built-in defaults).")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="Override a config field, e.g. --set expert.steps=50 (repeatable).")
+    p.add_argument("--shard", type=int, required=True, help="Shard id k (= expert id).")
+    p.add_argument("--data", required=True, help="URL of the prepared data (manifest.json + shards).")
+    p.add_argument("--out", required=True, help="URL of this expert's run (checkpoints/, final/, metrics.jsonl).")
+    p.add_argument("--max-steps", type=int, default=None, help="Stop after this step (no final checkpoint).")
+    p.add_argument("--no-resume", action="store_true", help="Ignore existing checkpoints under --out.")
+    p.add_argument("--progress", choices=("auto", "on", "off"), default="auto",
+                   help="Rich progress bar on rank 0 (auto: when stderr is a terminal).")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        show = args.progress == "on" or (args.progress == "auto" and sys.stderr.isatty())
+        cbs = [RichProgressCallback(f"expert {args.shard}")] if show else []
+        result = train_expert(cfg, args.shard, args.data, args.out, callbacks=cbs, resume=not args.no_resume,
+                              max_steps=args.max_steps)
+    except ArchipelagoError as exc:
+        print(f"error: {storage.redact(str(exc))}", file=sys.stderr)
+        return 2
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"done: steps={result['steps']} final_loss={result['final_loss']:.4f} "
+              f"samples/s={result['samples_per_s']:.1f} final={result['final_checkpoint']}", file=sys.stderr)
+    return 0
+
+
+def _exit(code: int) -> None:
+    """Exit; multi-process runs skip interpreter teardown (after flushing everything).
+
+    The process group is already destroyed and every file is written atomically, but on a loaded machine
+    a gloo rank tearing down its C++ state while its peer exits sometimes aborts ("terminate called
+    without an active exception", seen with FSDP2 and DeepSpeed), turning a finished run into a failed
+    job. Nothing is left to clean up, so skip the teardown.
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    _exit(main())

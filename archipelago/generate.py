@@ -1,0 +1,130 @@
+"""Sampling for people and benchmarks: load an ensemble (or one expert), draw seeded samples, write a grid.
+
+One entry point for both kinds of model, because an Ensemble has the expert call signature: the same
+`generate` drives a single DiT checkpoint and a K-expert ensemble with any routing mode.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from archipelago import storage
+from archipelago.errors import CheckpointError, StorageError
+
+
+def load_sampler_model(url: str, mode: str = "top-1", device: str | torch.device = "cpu") -> nn.Module:
+    """An eval-mode model_fn from an ensemble.json URL (or a directory holding one), or an expert
+    checkpoint directory (its meta.json). `mode` (full | top-k) applies to ensembles only."""
+    from archipelago.ensemble import ENSEMBLE_FILE, load_ensemble
+    from archipelago.experts.checkpoint import META, load_expert
+
+    if url.endswith(".json") or storage.exists(storage.join(url, ENSEMBLE_FILE)):
+        return load_ensemble(url, mode=mode, device=device)
+    if storage.exists(storage.join(url, META)):
+        model, meta = load_expert(url, device=device)
+        model.image_shape = tuple(meta.get("image_shape") or sample_shape(model))
+        return model
+    raise CheckpointError(f"{url}: neither an ensemble.json nor an expert checkpoint directory (no "
+                          f"{ENSEMBLE_FILE} or {META} there)")
+
+
+def sample_shape(model: nn.Module) -> tuple[int, ...]:
+    """Shape of one sample: `model.image_shape` when a loader recorded it (videos: [C, F, H, W], the frame
+    count is not part of a VideoDiT), else [C, H, W] from the (first expert's) patch embedding."""
+    if getattr(model, "image_shape", None):
+        return tuple(int(d) for d in model.image_shape)
+    inner = model.experts[0] if hasattr(model, "experts") else model
+    c, s = int(inner.in_channels), int(inner.input_size)
+    return (c, s, s)
+
+
+def default_classes(n: int, num_classes: int) -> torch.Tensor:
+    """Labels 0, 1, ..., num_classes-1, 0, 1, ...: a balanced, deterministic class set for n samples."""
+    return torch.arange(n, dtype=torch.long) % max(1, num_classes)
+
+
+@torch.no_grad()
+def generate(model: nn.Module, n: int, cfg_scale: float = 1.0, seed: int = 0, steps: int = 32,
+             sampler: str = "euler", classes: torch.Tensor | None = None,
+             device: str | torch.device | None = None) -> torch.Tensor:
+    """n samples [n, C, H, W] (fp32, unclamped) from `model` (a DiT or an Ensemble), eval mode.
+
+    Noise is drawn on the CPU from `seed`, so the same seed gives the same samples on any device.
+    classes: long [n] (default: `default_classes`). cfg_scale 1 disables guidance.
+    """
+    from archipelago.experts.sampling import sample
+
+    model.eval()   # label dropout must be off: in train mode the condition would be dropped at random
+    dev = torch.device(device) if device is not None else next(model.parameters()).device
+    y = default_classes(n, model.num_classes) if classes is None else torch.as_tensor(classes, dtype=torch.long)
+    if y.shape != (n,):
+        raise ValueError(f"classes must have shape [{n}], got {tuple(y.shape)}")
+    if (y < 0).any() or (y >= model.num_classes).any():
+        raise ValueError(f"classes must be in [0, {model.num_classes})")
+    noise = torch.randn((n, *sample_shape(model)), generator=torch.Generator().manual_seed(seed))
+    return sample(model, noise.to(dev), y.to(dev), steps=steps, sampler=sampler, cfg_scale=cfg_scale,
+                  null_class=model.num_classes).cpu()
+
+
+def save_samples(url: str, samples: torch.Tensor, labels: torch.Tensor, meta: dict[str, Any] | None = None) -> str:
+    """Write {"samples": fp32 [N,...], "labels": long [N]} as safetensors (what `archipelago eval` reads)."""
+    import json
+
+    from safetensors.torch import save
+
+    blob = save({"samples": samples.float().contiguous(), "labels": labels.long().contiguous()},
+                metadata={"archipelago": "samples", "meta": json.dumps(meta or {}, sort_keys=True)})
+    return storage.write_bytes(url, blob)
+
+
+def load_samples(url: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(samples, labels or None) from a safetensors file written by `save_samples` (or any file with a
+    `samples` tensor, or a single tensor)."""
+    from safetensors.torch import load
+
+    try:
+        t = load(storage.read_bytes(url))
+    except Exception as exc:
+        if isinstance(exc, StorageError):
+            raise
+        raise CheckpointError(f"{url}: not a valid safetensors file ({type(exc).__name__})") from None
+    if "samples" in t:
+        return t["samples"], t.get("labels")
+    if len(t) == 1:
+        return next(iter(t.values())), None
+    raise CheckpointError(f"{url}: no 'samples' tensor (found {', '.join(sorted(t))})")
+
+
+def write_picture(samples: torch.Tensor, url: str) -> str:
+    """PNG grid for images [N,C,H,W]; an animated GIF row for videos [N,C,F,H,W]."""
+    from archipelago.imaging import save_gif, save_grid
+
+    if samples.dim() == 5:
+        return save_gif(samples[:8].movedim(1, 2), url)
+    return save_grid(samples, url)
+
+
+def sample_grid(ckpt_or_ensemble_url: str, grid_url: str, cfg: Any) -> dict[str, Any]:
+    """Sample cfg.inference.num_samples images (cfg.expert.cfg_scale / sample_steps / sampler, seed
+    cfg.inference.seed, routing cfg.inference.routing for ensembles) and write a PNG grid to grid_url."""
+    model = load_sampler_model(ckpt_or_ensemble_url, mode=cfg.inference.routing)
+    e = cfg.expert
+    x = generate(model, cfg.inference.num_samples, cfg_scale=e.cfg_scale, seed=cfg.inference.seed,
+                 steps=e.sample_steps, sampler=e.sampler)
+    digest = write_picture(x, grid_url)
+    return {"grid": grid_url, "sha256": digest, "n": x.shape[0],
+            "expert_calls": getattr(model, "expert_calls", None)}
+
+
+__all__ = [
+    "default_classes",
+    "generate",
+    "load_sampler_model",
+    "load_samples",
+    "sample_grid",
+    "sample_shape",
+    "save_samples",
+    "write_picture",
+]

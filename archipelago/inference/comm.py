@@ -1,0 +1,194 @@
+"""`Comm`: every collective of parallel inference goes through one object that counts what it moves.
+
+Bytes are counted per layer type ("attn_kv", "output", "cfg", "expert", ...) and per sampler step, so the
+benchmark reports measured traffic instead of formulas. Blocking calls are timed between device syncs;
+an async all-gather is timed where its owner waits on it (the communication that was *not* hidden).
+
+Byte convention (what this rank receives over the wire, independent of the backend's algorithm):
+all_gather: (group_size - 1) x local bytes; all_reduce: 2 (group_size - 1) / group_size x bytes (a ring
+reduce-scatter + all-gather); send/recv: the tensor's bytes.
+"""
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class Group:
+    """A process group seen from one rank: its global ranks, this rank's index, the torch handle."""
+
+    ranks: list[int]
+    index: int                     # position of this rank in `ranks`
+    pg: Any = None                 # torch ProcessGroup; None when the group has one member
+
+    @property
+    def size(self) -> int:
+        return len(self.ranks)
+
+
+@dataclass
+class _Counter:
+    bytes: int = 0
+    calls: int = 0
+    async_calls: int = 0
+    seconds: float = 0.0
+
+
+@dataclass
+class CommStats:
+    """Accumulated traffic of one rank: per layer type, per step, and wall time spent waiting."""
+
+    by_type: dict[str, _Counter] = field(default_factory=lambda: defaultdict(_Counter))
+    by_step: dict[int, int] = field(default_factory=lambda: defaultdict(int))
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "total_bytes": sum(c.bytes for c in self.by_type.values()),
+            "by_type": {k: vars(c).copy() for k, c in sorted(self.by_type.items())},
+            "by_step": dict(sorted(self.by_step.items())),
+        }
+
+
+class AsyncGather:
+    """Handle of an async all-gather: `wait()` returns the gathered tensors (one per group member)."""
+
+    def __init__(self, comm: Comm, work: Any, out: list[torch.Tensor], layer_type: str):
+        self._comm, self._work, self._out, self._layer_type = comm, work, out, layer_type
+
+    def wait(self) -> list[torch.Tensor]:
+        if self._work is not None:
+            t0 = time.perf_counter()
+            self._work.wait()
+            self._comm._sync()
+            self._comm.stats.by_type[self._layer_type].seconds += time.perf_counter() - t0
+            self._work = None
+        return self._out
+
+
+class Comm:
+    """Collectives over torch.distributed (or trivially over one rank) with byte and time accounting.
+
+    `step` is set by the caller (the parallel model sets it from its explicit `step` argument) and keys
+    the per-step byte counts. Build groups with `group(ranks)` on *every* rank in the same order: that is
+    torch's rule for `new_group`.
+    """
+
+    def __init__(self, device: torch.device | str = "cpu"):
+        self.device = torch.device(device)
+        self.distributed = dist.is_available() and dist.is_initialized()
+        self.rank = dist.get_rank() if self.distributed else 0
+        self.world_size = dist.get_world_size() if self.distributed else 1
+        self.step = 0
+        self.stats = CommStats()
+        self.world = Group(list(range(self.world_size)), self.rank,
+                           dist.group.WORLD if self.distributed else None)
+
+    # --- groups ---
+    def group(self, ranks: Sequence[int]) -> Group | None:
+        """A group of `ranks` (collective: every rank calls it); None for ranks outside it."""
+        ranks = list(ranks)
+        pg = None
+        if len(ranks) > 1:
+            pg = dist.group.WORLD if len(ranks) == self.world_size else dist.new_group(ranks)
+        if self.rank not in ranks:
+            return None
+        return Group(ranks, ranks.index(self.rank), pg)
+
+    def my_group(self, partition: Sequence[Sequence[int]]) -> Group:
+        """Create every group of a partition of the ranks (all ranks, same order); return this rank's."""
+        mine = None
+        for ranks in partition:
+            g = self.group(ranks)
+            if g is not None:
+                mine = g
+        if mine is None:
+            raise ValueError(f"rank {self.rank} is in no group of {partition}")
+        return mine
+
+    # --- accounting ---
+    def sync(self) -> None:
+        """Wait for the device (timings are taken between syncs; a no-op on CPU)."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    _sync = sync
+
+    def _count(self, layer_type: str, nbytes: float, seconds: float = 0.0, is_async: bool = False) -> None:
+        c = self.stats.by_type[layer_type]
+        c.bytes += int(nbytes)
+        c.calls += 1
+        c.async_calls += int(is_async)
+        c.seconds += seconds
+        self.stats.by_step[self.step] += int(nbytes)
+
+    def reset_stats(self) -> None:
+        self.stats = CommStats()
+
+    # --- collectives ---
+    def all_gather(self, tensor: torch.Tensor, group: Group, layer_type: str, dim: int = 0) -> torch.Tensor:
+        """Blocking all-gather; returns the members' tensors concatenated along `dim` in group order."""
+        if group.size == 1:
+            return tensor
+        tensor = tensor.contiguous()
+        out = [torch.empty_like(tensor) for _ in range(group.size)]
+        self._sync()
+        t0 = time.perf_counter()
+        dist.all_gather(out, tensor, group=group.pg)
+        self._sync()
+        self._count(layer_type, (group.size - 1) * _nbytes(tensor), time.perf_counter() - t0)
+        return torch.cat(out, dim=dim)
+
+    def all_gather_async(self, tensor: torch.Tensor, group: Group, layer_type: str) -> AsyncGather:
+        """Non-blocking all-gather: returns a handle; the caller must not touch `tensor` until it waits."""
+        tensor = tensor.contiguous()
+        if group.size == 1:
+            return AsyncGather(self, None, [tensor], layer_type)
+        out = [torch.empty_like(tensor) for _ in range(group.size)]
+        work = dist.all_gather(out, tensor, group=group.pg, async_op=True)
+        self._count(layer_type, (group.size - 1) * _nbytes(tensor), is_async=True)
+        return AsyncGather(self, work, out, layer_type)
+
+    def all_reduce(self, tensor: torch.Tensor, group: Group, layer_type: str) -> torch.Tensor:
+        """Blocking in-place sum over the group; returns `tensor`."""
+        if group.size == 1:
+            return tensor
+        self._sync()
+        t0 = time.perf_counter()
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group.pg)
+        self._sync()
+        self._count(layer_type, 2 * (group.size - 1) / group.size * _nbytes(tensor), time.perf_counter() - t0)
+        return tensor
+
+    def send(self, tensor: torch.Tensor, dst: int, layer_type: str) -> None:
+        self._sync()
+        t0 = time.perf_counter()
+        dist.send(tensor.contiguous(), dst)
+        self._count(layer_type, _nbytes(tensor), time.perf_counter() - t0)
+
+    def isend(self, tensor: torch.Tensor, dst: int, layer_type: str) -> Any:
+        """Non-blocking send; returns the torch Work (keep `tensor` alive and unchanged until done)."""
+        work = dist.isend(tensor, dst)
+        self._count(layer_type, _nbytes(tensor), is_async=True)
+        return work
+
+    def recv(self, tensor: torch.Tensor, src: int, layer_type: str) -> torch.Tensor:
+        t0 = time.perf_counter()
+        dist.recv(tensor, src)
+        self._sync()
+        self._count(layer_type, _nbytes(tensor), time.perf_counter() - t0)
+        return tensor
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()

@@ -1,0 +1,95 @@
+"""Ray launcher: N actors in a placement group form one torch.distributed group and sample together.
+
+This is how inference spans nodes (islands without a shared launcher): rank 0's actor reports its node IP
+and a free port, which become the TCP rendezvous (MASTER_ADDR/PORT) of every actor; then each actor calls
+the same `run_parallel_sampling` as the torchrun launcher (gloo on CPU, nccl on GPU).
+
+    import ray; ray.init(address="auto")
+    result = launch_ray(SamplingSpec(experts=[url], out="grid.png"),
+                        ParallelConfig(mode="distrifusion", world_size=4))
+"""
+from __future__ import annotations
+
+import os
+import socket
+from typing import Any
+
+from archipelago.inference.config import ParallelConfig
+from archipelago.inference.runner import SamplingResult, SamplingSpec, run_parallel_sampling
+
+
+class InferenceWorker:
+    """One rank (a Ray actor): tells where it runs, then samples its share."""
+
+    def __init__(self, env: dict[str, str]):
+        os.environ.update(env)
+        import torch
+
+        torch.set_num_threads(int(env.get("OMP_NUM_THREADS", torch.get_num_threads())))
+
+    def address(self) -> tuple[str, int]:
+        """(node IP, a port free on it right now) - the rendezvous when this actor is rank 0."""
+        import ray
+
+        ip = ray.util.get_node_ip_address()
+        with socket.socket() as s:
+            s.bind(("", 0))
+            return ip, s.getsockname()[1]
+
+    def run(self, spec: dict[str, Any], pcfg: dict[str, Any], rank: int, init_method: str,
+            warmup_runs: int) -> SamplingResult:
+        os.environ.setdefault("LOCAL_RANK", "0")   # one GPU per actor: Ray sets CUDA_VISIBLE_DEVICES
+        return run_parallel_sampling(SamplingSpec(**spec), ParallelConfig(**pcfg), rank=rank,
+                                     init_method=init_method, warmup_runs=warmup_runs)
+
+
+def placement_strategy(num_nodes: int, num_actors: int) -> str:
+    """STRICT_SPREAD (one rank per node) when there are enough nodes, SPREAD when several but fewer,
+    PACK on one node (co-located ranks talk through shared memory)."""
+    if num_nodes <= 1:
+        return "PACK"
+    return "STRICT_SPREAD" if num_nodes >= num_actors else "SPREAD"
+
+
+def launch_ray(spec: SamplingSpec, pcfg: ParallelConfig, cpus_per_actor: float = 1.0,
+               gpus_per_actor: float = 0.0, strategy: str | None = None, warmup_runs: int = 0,
+               timeout_s: float = 600, env: dict[str, str] | None = None) -> list[SamplingResult]:
+    """Run `spec` with `pcfg` on `pcfg.world_size` Ray actors; returns every rank's result (rank order).
+
+    Needs a connected Ray (`ray.init(...)`); the placement group is removed afterwards even on failure.
+    """
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    if not ray.is_initialized():
+        raise RuntimeError("launch_ray needs a running Ray: call ray.init(...) first")
+    n = pcfg.world_size
+    nodes = [node for node in ray.nodes() if node.get("Alive")]
+    strategy = strategy or placement_strategy(len(nodes), n)
+    bundle: dict[str, float] = {"CPU": cpus_per_actor}
+    if gpus_per_actor:
+        bundle["GPU"] = gpus_per_actor
+    pg = placement_group([dict(bundle) for _ in range(n)], strategy=strategy)
+    try:
+        ray.get(pg.ready(), timeout=timeout_s)
+        env = {"OMP_NUM_THREADS": str(max(int(cpus_per_actor), 1)), **(env or {})}
+        actor_cls = ray.remote(InferenceWorker)
+        actors = [
+            actor_cls.options(
+                num_cpus=cpus_per_actor, num_gpus=gpus_per_actor,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(
+                    placement_group=pg, placement_group_bundle_index=i),
+            ).remote(env)
+            for i in range(n)]
+        try:
+            ip, port = ray.get(actors[0].address.remote(), timeout=timeout_s)
+            init_method = f"tcp://{ip}:{port}"
+            args = (spec.model_dump(), pcfg.model_dump(mode="json"))
+            refs = [a.run.remote(*args, rank, init_method, warmup_runs) for rank, a in enumerate(actors)]
+            return ray.get(refs, timeout=timeout_s)
+        finally:
+            for a in actors:
+                ray.kill(a)
+    finally:
+        remove_placement_group(pg)

@@ -1,0 +1,333 @@
+"""`run_parallel_sampling`: the one per-rank entry point that the torchrun and Ray launchers both call.
+
+It joins (or reuses) the process group, loads only the weights this rank needs, applies the parallel mode,
+samples from seeded noise that is identical on every rank, measures latency / peak memory / traffic, and
+lets rank 0 write the output. `parallel_sample` is `experts.sampling.sample` with the explicit step.
+"""
+from __future__ import annotations
+
+import functools
+import itertools
+import os
+import resource
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any, Literal
+
+import torch
+import torch.distributed as dist
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+from archipelago.errors import ConfigError
+from archipelago.experts.sampling import SAMPLERS, euler_step, guided_velocity, heun_step, timesteps
+from archipelago.inference.comm import Comm
+from archipelago.inference.config import Mode, ParallelConfig, experts_for_rank
+from archipelago.inference.parallelize import StepAware, parallelize_expert_shard, parallelize_for_inference
+
+
+class SamplingSpec(BaseModel):
+    """What to sample (model checkpoints, batch, sampler); identical on every rank. Plain data, picklable."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    experts: list[str] = Field(min_length=1, description="Expert checkpoint URLs (several: an ensemble).")
+    router: str | None = Field(None, description="Router checkpoint URL (expert_parallel).")
+    routing: str = Field("top-1", pattern=r"^(full|top-\d+)$", description="Ensemble routing: full | top-k.")
+    num_samples: int = Field(4, ge=1, description="Images in the batch.")
+    labels: list[int] | None = Field(None, description="Class labels (default: seeded random classes).")
+    seed: int = Field(0, description="Noise (and label) seed: same on every rank.")
+    steps: int = Field(8, ge=1, description="Sampler steps.")
+    sampler: Literal["euler", "heun"] = Field("euler", description="ODE solver.")
+    cfg_scale: float = Field(1.0, ge=0, description="Classifier-free guidance scale (1: none).")
+    ema: bool = Field(True, description="Load EMA weights (else the raw trained weights).")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda:LOCAL_RANK if available.")
+    out: str | None = Field(None, description="Rank 0 writes the samples: *.png grid, else safetensors.")
+
+
+@dataclass
+class SamplingResult:
+    """What one rank measured; `samples` is the full output (every mode ends with it on every rank)."""
+
+    rank: int
+    world_size: int
+    samples: torch.Tensor
+    latency_s: float
+    peak_mem_bytes: int          # GPU: max allocated; CPU: RSS high-water mark growth during the run
+    param_bytes: int             # weights this rank holds
+    cpu_s: float = 0.0           # process CPU time of the run (all threads): work, not waiting
+    peak_rss_bytes: int = 0      # CPU: absolute RSS high-water mark during the run (runtime + weights + work)
+    comm: dict[str, Any] = field(default_factory=dict)
+    describe: str = ""
+
+    def summary(self) -> dict[str, Any]:
+        return {k: v for k, v in vars(self).items() if k != "samples"}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Sampling with an explicit step
+# ----------------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def parallel_sample(model_fn: Callable, noise: torch.Tensor, y: torch.Tensor, steps: int,
+                    sampler: str = "euler", cfg_scale: float = 1.0,
+                    null_class: int | None = None) -> torch.Tensor:
+    """`experts.sampling.sample`, passing `step=k` (the sampler step) to step-aware parallel model_fns.
+
+    Heun's two evaluations of step k both get step k, so `warmup_steps >= steps` is always exact.
+    """
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; allowed: {' | '.join(SAMPLERS)}")
+    if cfg_scale != 1.0 and null_class is None:
+        null_class = model_fn.num_classes
+    x = noise.float()
+    for k, (t, t_next) in enumerate(itertools.pairwise(timesteps(steps).tolist())):
+        fn = functools.partial(model_fn, step=k) if isinstance(model_fn, StepAware) else model_fn
+        v = guided_velocity(fn, x, t, y, cfg_scale, null_class)
+        x_euler = euler_step(x, v, t, t_next)
+        if sampler == "heun" and t_next > 0:
+            x = heun_step(x, v, guided_velocity(fn, x_euler, t_next, y, cfg_scale, null_class), t, t_next)
+        else:
+            x = x_euler
+    return x
+
+
+def make_inputs(spec: SamplingSpec, shape: tuple[int, ...],
+                num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Seeded CPU noise [N, *shape] and labels [N]: bitwise the same on every rank and every launcher."""
+    gen = torch.Generator().manual_seed(spec.seed)
+    noise = torch.randn((spec.num_samples, *shape), generator=gen)
+    if spec.labels is not None:
+        if len(spec.labels) != spec.num_samples:
+            raise ConfigError(f"labels: {len(spec.labels)} given for num_samples={spec.num_samples}")
+        y = torch.tensor(spec.labels, dtype=torch.long)
+    else:
+        y = torch.randint(0, max(num_classes, 1), (spec.num_samples,), generator=gen)
+    return noise, y
+
+
+# ----------------------------------------------------------------------------------------------------
+# Process group and device
+# ----------------------------------------------------------------------------------------------------
+
+def _device(spec: SamplingSpec) -> torch.device:
+    if spec.device == "cpu" or (spec.device == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ConfigError("device=cuda but torch sees no GPU")
+    local = int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count()
+    torch.cuda.set_device(local)
+    return torch.device("cuda", local)
+
+
+def init_process_group(rank: int, world_size: int, init_method: str | None, device: torch.device,
+                       timeout_s: float = 300) -> None:
+    """gloo on CPU, nccl on GPU; init_method None reads MASTER_ADDR/PORT (torchrun's env://)."""
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend, init_method=init_method or "env://", rank=rank, world_size=world_size,
+                            timeout=timedelta(seconds=timeout_s))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Models: only what this rank runs
+# ----------------------------------------------------------------------------------------------------
+
+def _load_expert(url: str, spec: SamplingSpec, device: torch.device) -> nn.Module:
+    from archipelago.experts.checkpoint import load_expert
+
+    model, _ = load_expert(url, ema=spec.ema, device=device)
+    return model
+
+
+class RemoteExpert(nn.Module):
+    """Stand-in for an expert whose weights live on another rank (expert_parallel): never called here."""
+
+    def __init__(self, index: int, num_classes: int):
+        super().__init__()
+        self.index, self.num_classes = index, num_classes
+
+    def forward(self, *args: object) -> torch.Tensor:
+        raise RuntimeError(f"expert {self.index} is held by another rank")
+
+
+def build_model_fn(spec: SamplingSpec, pcfg: ParallelConfig, comm: Comm, device: torch.device):
+    """(model_fn, latent shape, num_classes, parameter bytes held by this rank).
+
+    An ensemble is built with its real routing (`archipelago.ensemble.Ensemble.route`), but under
+    expert_parallel a rank loads only its own experts; the others are `RemoteExpert` stand-ins.
+    """
+    if len(spec.experts) == 1 and spec.router is None:
+        model = _load_expert(spec.experts[0], spec, device)
+        shape = (model.in_channels, model.input_size, model.input_size)
+        return parallelize_for_inference(model, pcfg, comm), shape, model.num_classes, _param_bytes(model)
+    from archipelago.ensemble import Ensemble
+    from archipelago.router import load_router
+
+    if spec.router is None:
+        raise ConfigError("an ensemble (several experts) needs router=URL")
+    if pcfg.mode not in (Mode.single, Mode.expert_parallel):
+        raise ConfigError(f"an ensemble runs with mode=expert_parallel or single, not {pcfg.mode.value}")
+    router, _ = load_router(spec.router, device=device)
+    degree = pcfg.expert_degree
+    mine = experts_for_rank(len(spec.experts), degree, comm.rank % degree)
+    local = {k: _load_expert(spec.experts[k], spec, device) for k in mine}
+    first = local[mine[0]]
+    shape = (first.in_channels, first.input_size, first.input_size)
+    held = sum(_param_bytes(m) for m in [router, *local.values()])
+    experts = [local[k] if k in local else RemoteExpert(k, first.num_classes)
+               for k in range(len(spec.experts))]
+    ensemble = Ensemble(experts, router, mode=spec.routing).eval()
+    if pcfg.world_size == 1:
+        return ensemble, shape, first.num_classes, held
+    fn = parallelize_expert_shard(local, ensemble.route, len(spec.experts), first.num_classes, pcfg, comm)
+    return fn, shape, first.num_classes, held
+
+
+def check_patch_rows(spec: SamplingSpec, pcfg: ParallelConfig) -> None:
+    """Fail before the rendezvous (one line on every rank) when the patch degree does not divide the token
+    rows of the expert, instead of after every rank has joined the group and loaded its weights."""
+    from archipelago.errors import CheckpointError
+    from archipelago.experts.checkpoint import read_meta
+
+    if pcfg.patch_scheme is None or pcfg.patch_degree == 1:
+        return
+    try:
+        record = read_meta(spec.experts[0]).get("model") or {}
+    except CheckpointError:
+        return   # reported with its own line where the expert is loaded
+    args = record.get("args") or {}
+    size, patch = args.get("input_size"), args.get("patch_size")
+    if (record.get("class") == "DiT" and isinstance(size, int) and isinstance(patch, int) and patch > 0
+            and (size // patch) % pcfg.patch_degree):
+        rows = size // patch
+        fits = [d for d in range(1, rows + 1) if rows % d == 0]
+        raise ConfigError(f"{spec.experts[0]}: patch_degree={pcfg.patch_degree} ({pcfg.describe()}) must divide "
+                          f"the {rows} token rows of the latent (input_size {size} / patch_size {patch}); use a "
+                          f"patch degree (the world size of a patch mode) in {fits}")
+
+
+def _param_bytes(m: nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in m.parameters())
+
+
+# ----------------------------------------------------------------------------------------------------
+# Measurement
+# ----------------------------------------------------------------------------------------------------
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _reset_peak_rss() -> bool:
+    """Reset the kernel's high-water mark of this process's RSS (Linux >= 4.0); False if not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak_rss_bytes() -> int:
+    """VmHWM (peak RSS since start or the last reset), falling back to ru_maxrss."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024   # Linux reports KiB
+
+
+# ----------------------------------------------------------------------------------------------------
+# The per-rank entry point
+# ----------------------------------------------------------------------------------------------------
+
+def run_parallel_sampling(spec: SamplingSpec, pcfg: ParallelConfig, rank: int | None = None,
+                          init_method: str | None = None, warmup_runs: int = 0,
+                          timed_runs: int = 1) -> SamplingResult:
+    """Sample `spec` with layout `pcfg` on this rank; every rank of the group calls it.
+
+    rank/init_method: None under torchrun (env://, RANK); the Ray launcher passes tcp://ADDR:PORT and the
+    actor's rank. An existing default process group is reused (and left alive). warmup_runs: untimed runs
+    before the measured ones (first-call allocations and lazy init out of the latency); timed_runs: the
+    latency is the fastest of these (traffic and peak memory are those of the last).
+    """
+    spec = SamplingSpec.model_validate(spec)
+    pcfg = ParallelConfig.model_validate(pcfg)
+    device = _device(spec)
+    check_patch_rows(spec, pcfg)
+    owns_group = False
+    if pcfg.world_size > 1 and not dist.is_initialized():
+        rank = int(os.environ["RANK"]) if rank is None else rank
+        init_process_group(rank, pcfg.world_size, init_method, device)
+        owns_group = True
+    try:
+        comm = Comm(device)
+        if comm.world_size != pcfg.world_size:
+            raise ConfigError(f"{pcfg.describe()} but the process group has {comm.world_size} ranks")
+        fn, shape, num_classes, held = build_model_fn(spec, pcfg, comm, device)
+        noise, y = make_inputs(spec, shape, num_classes)
+        noise, y = noise.to(device), y.to(device)
+
+        def run() -> torch.Tensor:
+            out = parallel_sample(fn, noise, y, spec.steps, spec.sampler, spec.cfg_scale, num_classes)
+            if isinstance(fn, StepAware):
+                fn.finish()
+            return out
+
+        for _ in range(warmup_runs):
+            run()
+        latency, cpu_s = float("inf"), float("inf")
+        for _ in range(max(timed_runs, 1)):
+            comm.reset_stats()
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            comm.barrier()
+            rss0 = _rss_bytes()
+            _reset_peak_rss()
+            t0, c0 = time.perf_counter(), time.process_time()
+            samples = run()
+            comm.sync()
+            comm.barrier()
+            latency = min(latency, time.perf_counter() - t0)
+            cpu_s = min(cpu_s, time.process_time() - c0)
+        peak_rss = _peak_rss_bytes()
+        peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda" else max(peak_rss - rss0, 0))
+        result = SamplingResult(rank=comm.rank, world_size=comm.world_size, samples=samples.cpu(),
+                                latency_s=latency, peak_mem_bytes=int(peak), param_bytes=held, cpu_s=cpu_s,
+                                peak_rss_bytes=int(peak_rss),
+                                comm=comm.stats.as_dict(), describe=pcfg.describe())
+        if comm.rank == 0 and spec.out:
+            write_samples(result.samples, spec.out)
+        comm.barrier()
+        return result
+    finally:
+        if owns_group:
+            dist.destroy_process_group()
+
+
+def write_samples(samples: torch.Tensor, url: str) -> str:
+    """*.png: an image grid; anything else: safetensors {"samples": [N, C, H, W]} (never a pickle)."""
+    from archipelago import storage
+
+    if url.endswith(".png"):
+        from archipelago.imaging import save_grid
+
+        return save_grid(samples, url)
+    from safetensors.torch import save
+
+    storage.write_bytes(url, save({"samples": samples.contiguous()}, metadata={"archipelago": "samples"}))
+    return url
+
+
+def read_samples(url: str) -> torch.Tensor:
+    from safetensors.torch import load
+
+    from archipelago import storage
+
+    return load(storage.read_bytes(url))["samples"]

@@ -1,0 +1,279 @@
+"""Parallel inference modes side by side: latency, peak memory, bytes per step, PSNR vs one device.
+
+Every row runs in freshly spawned processes (gloo on CPU, 1 thread per rank) through the same
+`run_parallel_sampling` the torchrun and Ray launchers call; each rank does one untimed warm-up run, then
+the fastest of `--timed-runs` runs is reported (slowest rank). Approximate modes are compared with the
+single-device output from the same noise (the baseline named in the row).
+
+    OMP_NUM_THREADS=1 python benchmarks/inference_modes.py               # world sizes 1, 2, 4
+    OMP_NUM_THREADS=1 python benchmarks/inference_modes.py --worlds 1 2  # skip world 4
+
+The experts are random-init DiTs with every weight perturbed (fan-in scaled, see `perturbed`), not
+trained models: the adaLN-Zero init would output exactly 0. Stale-K/V quality (DistriFusion) depends on
+how much a model's activations change between steps, so its PSNR here is indicative only.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from archipelago import storage
+from archipelago.experts.checkpoint import EMA, FORMAT_VERSION, META, encode_tensors, model_record
+from archipelago.experts.dit import DiT
+from archipelago.inference.config import ParallelConfig
+from archipelago.inference.local import launch_local
+from archipelago.inference.quality import psnr
+from archipelago.inference.runner import SamplingSpec
+
+RESULTS = Path(__file__).resolve().parent / "results" / "inference_modes.json"
+MODEL = {"input_size": 32, "in_channels": 4, "patch_size": 2, "hidden_size": 256, "depth": 8, "num_heads": 8,
+         "num_classes": 10, "class_dropout": 0.1}   # 16x16 = 256 tokens: the row split matters
+WEIGHT_GAIN = 0.5
+
+
+# ----------------------------------------------------------------------------------------------------
+# Checkpoints (random-init, perturbed) written in the real formats the launchers read
+# ----------------------------------------------------------------------------------------------------
+
+def perturbed(module: torch.nn.Module, seed: int, gain: float = WEIGHT_GAIN) -> torch.nn.Module:
+    """Add N(0, (gain / sqrt(fan_in))^2) to every weight and N(0, 0.02^2) to every bias / 1-D parameter.
+
+    Scaling by fan-in keeps activations O(1) at any width, like a trained model; an unscaled perturbation
+    makes a 256-wide, 8-block DiT chaotic in t (its velocity decorrelates between sampler steps), which
+    is the worst case for stale K/V (see the notes in the results file).
+    """
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            std = gain / math.sqrt(p[0].numel()) if p.dim() > 1 else 0.02
+            p.add_(std * torch.randn(p.shape, generator=g))
+    return module.eval()
+
+
+def perturbed_router(module: torch.nn.Module, seed: int, scale: float = 0.5) -> torch.nn.Module:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=g))
+    return module.eval()
+
+
+def save_expert(model: DiT, url: str) -> str:
+    digest = storage.write_bytes(storage.join(url, EMA), encode_tensors(model.state_dict(), "ema"))
+    storage.write_json(storage.join(url, META), {
+        "format_version": FORMAT_VERSION, "step": 0, "final": True, "strategy": "single", "world_size": 1,
+        "model": model_record(model), "files": {EMA: digest}, "metrics": {}, "created_at": time.time(),
+        "torch_version": torch.__version__})
+    return url
+
+
+def save_router(num_experts: int, url: str, seed: int) -> str:
+    from archipelago.router.model import Router
+    from archipelago.router.train import save_router as save
+
+    router = Router(in_channels=MODEL["in_channels"], input_size=MODEL["input_size"], num_experts=num_experts,
+                    hidden_size=32, depth=2, num_classes=MODEL["num_classes"])
+    router = perturbed_router(router, seed)
+    with torch.no_grad():   # a strong label path, so one batch is split between experts
+        router.y_embedder.embedding_table.weight.mul_(20)
+    return save(router, url, {})
+
+
+# ----------------------------------------------------------------------------------------------------
+# Rows
+# ----------------------------------------------------------------------------------------------------
+
+def plan(worlds: list[int], expert: str, ensembles: dict[int, tuple[list[str], str]], steps: int,
+         num_samples: int) -> list[dict[str, Any]]:
+    """(name, baseline, spec, pcfg, threads) of every row, baselines first."""
+    base = SamplingSpec(experts=[expert], num_samples=num_samples, steps=steps, device="cpu", seed=0)
+    cfg = base.model_copy(update={"cfg_scale": 2.0})
+    rows: list[dict[str, Any]] = []
+
+    def add(name: str, baseline: str | None, spec: SamplingSpec, threads: int = 1, **pcfg: Any) -> None:
+        rows.append({"name": name, "baseline": baseline, "spec": spec, "threads": threads,
+                     "pcfg": ParallelConfig(**pcfg)})
+
+    add("single", None, base)
+    add("single (2 threads)", "single", base, threads=2)
+    add("single +CFG", None, cfg)
+    for k, (urls, router) in ensembles.items():
+        add(f"single ensemble K={k} top-1", None, base.model_copy(update={"experts": urls, "router": router}))
+    for w in [w for w in worlds if w > 1]:
+        add("naive_patch", "single", base, mode="naive_patch", world_size=w)
+        add("sync_patch", "single", base, mode="sync_patch", world_size=w)
+        add("distrifusion (warmup 1, group 1)", "single", base, mode="distrifusion", world_size=w,
+            warmup_steps=1)
+        add(f"distrifusion (warmup 1, group {MODEL['depth']})", "single", base, mode="distrifusion",
+            world_size=w, warmup_steps=1, comm_group_layers=MODEL["depth"])
+        if w == 2:
+            add("cfg_parallel", "single +CFG", cfg, mode="cfg_parallel", world_size=2)
+        else:
+            add(f"cfg_parallel x sync_patch ({w // 2})", "single +CFG", cfg, mode="cfg_parallel",
+                world_size=w, patch_mode="sync_patch")
+            add(f"cfg_parallel x distrifusion ({w // 2})", "single +CFG", cfg, mode="cfg_parallel",
+                world_size=w, patch_mode="distrifusion", warmup_steps=1)
+        if w in ensembles:
+            urls, router = ensembles[w]
+            add(f"expert_parallel K={w} top-1", f"single ensemble K={w} top-1",
+                base.model_copy(update={"experts": urls, "router": router}), mode="expert_parallel",
+                world_size=w)
+    return rows
+
+
+def run_row(row: dict[str, Any], timed_runs: int) -> dict[str, Any]:
+    pcfg: ParallelConfig = row["pcfg"]
+    t0 = time.perf_counter()
+    results = launch_local(row["spec"], pcfg, warmup_runs=1, timed_runs=timed_runs,
+                           threads_per_rank=row["threads"], timeout_s=600, spawn=True)
+    r0 = results[0]
+    steps = row["spec"].steps
+    return {
+        "name": row["name"], "baseline": row["baseline"], "describe": pcfg.describe(),
+        "world_size": pcfg.world_size, "threads_per_rank": row["threads"],
+        "latency_s": max(r.latency_s for r in results),
+        "cpu_s_max_rank": max(r.cpu_s for r in results),
+        "cpu_s_all_ranks": sum(r.cpu_s for r in results),
+        "peak_rss_mib": max(r.peak_rss_bytes for r in results) / 2**20,
+        "peak_rss_growth_mib": max(r.peak_mem_bytes for r in results) / 2**20,
+        "param_mib_per_rank": max(r.param_bytes for r in results) / 2**20,
+        "bytes_per_step_rank0": r0.comm.get("total_bytes", 0) / steps,
+        "bytes_per_step_all_ranks": sum(r.comm.get("total_bytes", 0) for r in results) / steps,
+        "comm_by_type_rank0": r0.comm.get("by_type", {}),
+        "comm_wait_s_rank0": sum(c["seconds"] for c in r0.comm.get("by_type", {}).values()),
+        "wall_s_incl_spawn": time.perf_counter() - t0,
+        "_samples": r0.samples,
+    }
+
+
+def quality_vs_steps(expert: str, steps_list: list[int], num_samples: int) -> list[dict[str, Any]]:
+    """PSNR vs one device of the approximate modes (world 2) as the step count grows: DistriFusion's stale
+    K/V come from a step that is closer the more steps there are; naive patches never see each other."""
+    out = []
+    for steps in steps_list:
+        spec = SamplingSpec(experts=[expert], num_samples=num_samples, steps=steps, device="cpu", seed=0)
+        ref = launch_local(spec, ParallelConfig(), spawn=True, timeout_s=600)[0].samples
+        row: dict[str, Any] = {"steps": steps}
+        for name, pcfg in (("naive_patch", ParallelConfig(mode="naive_patch", world_size=2)),
+                           ("distrifusion_warmup1", ParallelConfig(mode="distrifusion", world_size=2,
+                                                                   warmup_steps=1))):
+            got = launch_local(spec, pcfg, timeout_s=600)[0].samples
+            row[f"{name}_psnr_db"] = round(psnr(got, ref), 2)
+        print(f"   quality, {steps} steps: {row}", flush=True)
+        out.append(row)
+    return out
+
+
+def machine() -> dict[str, Any]:
+    cpu = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {"platform": platform.platform(), "python": sys.version.split()[0], "torch": torch.__version__,
+            "cpu": cpu or platform.processor(), "cpu_count": os.cpu_count(),
+            "affinity_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+            "loadavg_at_start": os.getloadavg(), "backend": "gloo", "device": "cpu",
+            "cuda_available": torch.cuda.is_available()}
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    head = ("| mode | world | latency s | vs baseline | CPU s (max rank) | peak RSS MiB | RSS growth MiB "
+            "| params MiB/rank | KiB/step rank0 | KiB/step all | comm wait s | async msgs | PSNR dB "
+            "| max abs diff |")
+    lines = [head, "|" + "---|" * 14]
+    for r in rows:
+        kv = r["comm_by_type_rank0"].get("attn_kv", {})
+        p = r.get("psnr_db")
+        psnr_s = "-" if p is None else ("exact (inf)" if math.isinf(p) else f"{p:.1f}")
+        lines.append(
+            f"| {r['name']} | {r['world_size']} | {r['latency_s']:.3f} | "
+            f"{r.get('speedup', 1.0):.2f}x | {r['cpu_s_max_rank']:.2f} | {r['peak_rss_mib']:.0f} | "
+            f"{r['peak_rss_growth_mib']:.1f} | {r['param_mib_per_rank']:.1f} | "
+            f"{r['bytes_per_step_rank0'] / 1024:.1f} | {r['bytes_per_step_all_ranks'] / 1024:.1f} | "
+            f"{r['comm_wait_s_rank0']:.3f} | {kv.get('async_calls', 0)} | {psnr_s} | "
+            f"{r.get('max_abs_diff', 0.0):.2e} |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--worlds", type=int, nargs="+", default=[1, 2, 4])
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--num-samples", type=int, default=2)
+    ap.add_argument("--timed-runs", type=int, default=3)
+    ap.add_argument("--quality-steps", type=int, nargs="*", default=[8, 16, 32],
+                    help="step counts of the PSNR-vs-steps sweep (world 2); none to skip")
+    ap.add_argument("--out", default=str(RESULTS))
+    args = ap.parse_args()
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)
+
+    info = machine()
+    with tempfile.TemporaryDirectory(prefix="arch-bench-") as tmp:
+        expert = save_expert(perturbed(DiT(**MODEL), seed=0), f"{tmp}/expert")
+        ensembles = {}
+        for k in sorted({w for w in args.worlds if w > 1}):
+            urls = [save_expert(perturbed(DiT(**MODEL), seed=10 * k + i), f"{tmp}/ens{k}/expert{i}")
+                    for i in range(k)]
+            ensembles[k] = (urls, save_router(k, f"{tmp}/ens{k}/router", seed=k))
+        rows = plan(args.worlds, expert, ensembles, args.steps, args.num_samples)
+        done: dict[str, dict[str, Any]] = {}
+        for row in rows:
+            print(f"-- {row['name']} ({row['pcfg'].describe()})", flush=True)
+            res = run_row(row, args.timed_runs)
+            key = f"{res['name']}@{res['world_size']}"
+            base = done.get(f"{row['baseline']}@1") if row["baseline"] else None
+            if base is not None:
+                res["speedup"] = base["latency_s"] / res["latency_s"]
+                res["psnr_db"] = psnr(res["_samples"], base["_samples"])
+                res["max_abs_diff"] = float((res["_samples"] - base["_samples"]).abs().max())
+            done[key] = res
+            print(f"   latency {res['latency_s']:.3f}s  cpu {res['cpu_s_max_rank']:.2f}s  "
+                  f"rss {res['peak_rss_mib']:.0f} MiB  "
+                  f"{res['bytes_per_step_rank0'] / 1024:.1f} KiB/step  psnr {res.get('psnr_db')}", flush=True)
+        quality = quality_vs_steps(expert, args.quality_steps, args.num_samples) if 2 in args.worlds else []
+
+    out_rows = [{k: v for k, v in r.items() if k != "_samples"} for r in done.values()]
+    for r in out_rows:
+        if r.get("psnr_db") is not None and math.isinf(r["psnr_db"]):
+            r["psnr_db"] = "inf"
+    md = table(list(done.values()))
+    print("\n" + md)
+    for q in quality:
+        print(f"PSNR vs steps (world 2): {q}")
+    report = {
+        "benchmark": "inference_modes", "created_at": time.time(), "machine": info, "model": MODEL,
+        "sampling": {"steps": args.steps, "num_samples": args.num_samples, "sampler": "euler",
+                     "cfg_scale_for_cfg_rows": 2.0, "timed_runs": args.timed_runs, "warmup_runs": 1,
+                     "weights": f"random init + N(0, ({WEIGHT_GAIN}/sqrt(fan_in))^2) weight perturbation, "
+                                "N(0, 0.02^2) on biases (not trained)"},
+        "notes": [
+            ("latency: fastest timed run, slowest rank; peak mem: CPU RSS high-water mark during the timed "
+             "run minus RSS before it (largest rank); bytes: what rank 0 receives (all_gather: (n-1) x "
+             "local, all_reduce: 2(n-1)/n x size), per sampler step"),
+            (f"{info['cpu_count']} CPU cores shared with other jobs (load average "
+             f"{info['loadavg_at_start']}): world 4 oversubscribes them and speedups are not expected to "
+             "appear; the exact/approximate comparison and the traffic are the meaningful columns here"),
+        ],
+        "rows": out_rows, "table_md": md, "quality_vs_steps_world2": quality,
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(report, indent=2, default=float) + "\n")
+    print(f"\nwrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
