@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 quickstart: setup
-	$(BIN)/archipelago quickstart --config configs/digits-quickstart.yaml --out runs/quickstart
+	$(BIN)/archipelago quickstart --config configs/digits-quickstart.yaml
 
 test: setup
 	$(BIN)/python -m pytest -q

@@ -356,38 +356,38 @@ def cluster_down(
 @app.command("quickstart")
 def quickstart(
     config: Path = ConfigOpt,
-    out: Optional[str] = typer.Option(None, "--out", help="Root URL for every output (default: storage.root)."),
-    overrides: Optional[list[str]] = SetOpt,
+    out: str | None = typer.Option(None, "--out", help="Root URL for every output (default: storage.root)."),
+    overrides: list[str] | None = SetOpt,
 ) -> None:
-    """Run what exists end to end on the embedded default: prepare data, train expert 0, sample a grid.
+    """The main job on the embedded default, then a map of where everything landed.
+
+    Runs the full pipeline (`archipelago train`): data -> one island per shard in parallel with the router
+    -> ensemble.json -> sample grid -> eval, tracked in MLflow.
 
     Example: archipelago quickstart --config configs/digits-quickstart.yaml --out runs/quickstart
     """
     from archipelago import storage
-    from archipelago.data.prepare import prepare_data
-    from archipelago.experts.callbacks import RichProgressCallback
-    from archipelago.experts.train import train_expert
 
-    cfg = _load(config, (overrides or []) + ([f"storage.root={out}"] if out else []))
+    cfg_overrides = (overrides or []) + ([f"storage.root={out}"] if out else [])
+    train_cmd(config=config, overrides=cfg_overrides)
+    cfg = _load(config, cfg_overrides)
     root = cfg.storage.root
-    storage.ensure_reachable(root)
-    data_url = storage.join(root, "data")
-    manifest = prepare_data(cfg.data, data_url, progress=True)
-    typer.echo(f"data: {manifest.num_clusters} shards {manifest.counts} -> {data_url}")
-    expert_url = storage.join(root, "experts", "expert-0")
-    result = train_expert(cfg, 0, data_url, expert_url, callbacks=[RichProgressCallback()])
-    typer.echo(f"expert 0: {result['steps']} steps, final loss {result['final_loss']:.4f} -> "
-               f"{result['final_checkpoint']}")
-    from archipelago.generate import sample_grid
+    lines = [("data shards + manifest", storage.join(root, "data")),
+             ("expert checkpoints", storage.join(root, "experts", "expert-<k>", "final")),
+             ("router", storage.join(root, "router")),
+             ("ensemble", storage.join(root, "ensemble.json")),
+             ("sample grids (PNG)", storage.join(root, "samples")),
+             ("evaluation", storage.join(root, "eval.json"))]
+    typer.echo("\noutputs:")
+    for name, url in lines:
+        typer.echo(f"  {name:<24} {url}")
+    if cfg.tracking.enabled:
+        from archipelago.orchestration.tracking import resolve_tracking_uri
 
-    grid_url = storage.join(root, "samples", "expert-0.png")
-    sample_grid(result["final_checkpoint"], grid_url, cfg)
-    typer.echo(f"samples: {grid_url}")
+        typer.echo(f"  {'MLflow UI':<24} mlflow ui --backend-store-uri {resolve_tracking_uri(cfg)}")
+    typer.echo(f"next: archipelago generate --ensemble {storage.join(root, 'ensemble.json')} --mode top-2 "
+               f"--out grid.png")
 
-
-# ----------------------------------------------------------------------------------------------------
-# long video (DualParal)
-# ----------------------------------------------------------------------------------------------------
 
 @app.command("generate-video")
 def generate_video_cmd(

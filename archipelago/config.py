@@ -188,7 +188,7 @@ def _format_error(err: ValidationError, source: str) -> str:
             parent = f.annotation if f is not None else None
         known = ", ".join(parent.model_fields) if isinstance(parent, type) and issubclass(parent, BaseModel) else ""
         return f"{source}: unknown field '{field}'" + (f" (known: {known})" if known else "")
-    msg = e["msg"]
+    msg = e["msg"].removeprefix("Value error, ")
     allowed = _allowed(ArchipelagoConfig, loc)
     got = e.get("input")
     got_s = "" if isinstance(got, (dict, list)) else f" (got {got!r})"
@@ -243,8 +243,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raw = yaml.safe_load(p.read_text()) or {}
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
-            where = f" line {mark.line + 1}" if mark is not None else ""
-            raise ConfigError(f"{source}:{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+            where = f": line {mark.line + 1}" if mark is not None else ""
+            problem = " ".join(str(getattr(exc, "problem", None) or exc).split())   # PyYAML's spans lines
+            raise ConfigError(f"{source}{where}: not valid YAML ({problem})") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{source}: top level must be a mapping of sections "
                               f"({', '.join(ArchipelagoConfig.model_fields)})")

@@ -35,12 +35,18 @@ class EMA:
         `{n: p.full_tensor() for n, p in model.named_parameters()}` (FSDP2, a collective on every rank) or
         the params gathered with `deepspeed.zero.GatheredParameters`; a Mapping name -> tensor is accepted.
     Buffers (e.g. the fixed pos_embed) are copied, not averaged.
+
+    With `warmup` the decay ramps up as min(decay, (1 + n) / (10 + n)) over the first updates n: a short run
+    (a few hundred steps at decay 0.999) would otherwise sample from weights still dominated by the
+    initialisation. `num_updates` is part of the training state; resume restores it (= the step).
     """
 
-    def __init__(self, model: nn.Module, decay: float):
+    def __init__(self, model: nn.Module, decay: float, warmup: bool = True):
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"EMA decay={decay} must be in [0, 1)")
         self.decay = decay
+        self.warmup = warmup
+        self.num_updates = 0
         self.shadow: nn.Module = copy.deepcopy(model).eval()
         self.shadow.requires_grad_(False)
 
@@ -59,12 +65,21 @@ class EMA:
         missing = params.keys() - source.keys()
         if missing:
             raise KeyError(f"EMA.update: {len(missing)} parameters missing, e.g. {sorted(missing)[:3]}")
+        decay = self.current_decay()
+        self.num_updates += 1
         for name, ema_p in params.items():
             p = source[name].detach()
-            ema_p.lerp_(p.to(device=ema_p.device, dtype=ema_p.dtype), 1.0 - self.decay)
+            ema_p.lerp_(p.to(device=ema_p.device, dtype=ema_p.dtype), 1.0 - decay)
         for name, b in buffers.items():
             if name in shadow_buffers:
                 shadow_buffers[name].copy_(b)
+
+    def current_decay(self) -> float:
+        """The decay the next update uses (ramped while `num_updates` is small, see class docstring)."""
+        if not self.warmup:
+            return self.decay
+        n = self.num_updates
+        return min(self.decay, (1.0 + n) / (10.0 + n))
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The averaged weights, keyed like the unwrapped model's state_dict."""

@@ -227,6 +227,7 @@ def train_expert(cfg: ArchipelagoConfig, shard: int, data_url: str, out_url: str
             ckpt.load_weights(model, ckpt.read_tensors(resume_url, ckpt.MODEL, resume_meta), ckpt.MODEL)
             ema.load_state_dict(ckpt.read_tensors(resume_url, ckpt.EMA, resume_meta))
             start_step = int(resume_meta["step"])
+            ema.num_updates = start_step                   # one EMA update per optimizer step
             if start_step > ecfg.steps:
                 raise CheckpointError(f"{resume_url}: step {start_step} is beyond expert.steps={ecfg.steps}; "
                                       f"raise expert.steps or use another output URL")

@@ -99,3 +99,50 @@ def test_k_larger_than_samples_names_the_field():
     for part in ("kmeans", "random"):
         with pytest.raises(DataError, match="data.num_clusters"):
             partition(emb, DataConfig(num_clusters=6, partitioner=part))
+
+
+# ---- properties of the whole partitioners (rebalance alone is covered above) ---------------------------
+_EMB = {"n": st.integers(1, 80), "k": st.integers(1, 12), "seed": st.integers(0, 2**31 - 1),
+        "dim": st.integers(1, 5), "ties": st.booleans()}
+
+
+def _embeddings(n: int, dim: int, seed: int, ties: bool) -> np.ndarray:
+    """Gaussian features, or binary ones (at most 2**dim distinct points: duplicates, fewer points than K)."""
+    rng = np.random.default_rng(seed)
+    return (rng.integers(0, 2, (n, dim)) if ties else rng.normal(size=(n, dim))).astype(np.float32)
+
+
+@pytest.mark.filterwarnings("ignore:Number of distinct clusters")   # ties: fewer distinct points than K
+@settings(max_examples=25, deadline=None, database=None)
+@given(ratio=st.floats(1.0, 4.0), **_EMB)
+def test_kmeans_partition_any_k_any_seed(n, k, seed, dim, ties, ratio):
+    emb = _embeddings(n, dim, seed, ties)
+    if k > n:
+        with pytest.raises(DataError, match="data.num_clusters"):
+            kmeans_partition(emb, k, seed=seed, max_imbalance=ratio)
+        return
+    p = kmeans_partition(emb, k, seed=seed, max_imbalance=ratio, n_init=1)
+    counts = np.bincount(p.assign, minlength=k)
+    assert len(counts) == k and counts.tolist() == p.counts and counts.sum() == n
+    lo, hi = size_bounds(n, k, ratio)
+    assert counts.min() >= max(lo, 1) and counts.max() <= hi            # no empty shard, sizes in bounds
+    if np.ceil(n / k) <= ratio * np.floor(n / k):                       # a feasible bound is always met
+        assert p.imbalance <= ratio + 1e-9
+    assert p.centroids.shape == (k, dim) and np.isfinite(p.centroids).all()
+    again = kmeans_partition(emb, k, seed=seed, max_imbalance=ratio, n_init=1)
+    assert np.array_equal(p.assign, again.assign)                       # same seed, same shards
+
+
+@settings(max_examples=40, deadline=None, database=None)
+@given(**_EMB)
+def test_random_partition_any_k_any_seed(n, k, seed, dim, ties):
+    emb = _embeddings(n, dim, seed, ties)
+    if k > n:
+        with pytest.raises(DataError, match="data.num_clusters"):
+            random_partition(emb, k, seed=seed)
+        return
+    p = random_partition(emb, k, seed=seed)
+    counts = np.bincount(p.assign, minlength=k)
+    assert len(counts) == k and counts.tolist() == p.counts and counts.sum() == n
+    assert counts.max() - counts.min() <= 1 and counts.min() >= 1       # balanced to one sample
+    assert np.array_equal(p.assign, random_partition(emb, k, seed=seed).assign)

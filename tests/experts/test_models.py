@@ -278,9 +278,23 @@ def test_video_dit_shares_dit_block_classes():
 # EMA
 # ----------------------------------------------------------------------------------------------------
 
+def test_ema_warmup_ramps_decay_and_counts_updates():
+    model = randomize(tiny_dit(), seed=0)
+    ema = EMA(model, decay=0.999)
+    old = {k: v.clone() for k, v in ema.state_dict().items()}
+    randomize(model, seed=1)
+    assert ema.current_decay() == pytest.approx(0.1)        # (1 + 0) / (10 + 0)
+    ema.update(model)
+    name = "blocks.0.attn.qkv.weight"
+    torch.testing.assert_close(ema.state_dict()[name], 0.1 * old[name] + 0.9 * dict(model.named_parameters())[name])
+    assert ema.num_updates == 1
+    ema.num_updates = 100_000
+    assert ema.current_decay() == pytest.approx(0.999)      # the ramp ends at the configured decay
+
+
 def test_ema_update_copy_to_and_wrapped_names():
     model = randomize(tiny_dit(), seed=0)
-    ema = EMA(model, decay=0.9)
+    ema = EMA(model, decay=0.9, warmup=False)
     assert all(not p.requires_grad for p in ema.shadow.parameters())
     old = {k: v.clone() for k, v in ema.state_dict().items()}
     randomize(model, seed=1)
