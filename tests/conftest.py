@@ -31,6 +31,24 @@ def pytest_runtest_makereport(item, call):
         rep.longrepr = f"skipped test counts as a failure in CI (ARCHIPELAGO_STRICT_SKIPS=1): {reason}"
 
 
+_TALLY: dict[str, int] = {}
+
+
+def pytest_runtest_logreport(report):
+    """Sum numeric `record_property` values of passed tests (the robustness suite counts what it tried)."""
+    if report.when == "call" and report.passed:
+        for name, value in report.user_properties:
+            if name.startswith("robustness:") and isinstance(value, int):
+                _TALLY[name] = _TALLY.get(name, 0) + value
+
+
+def pytest_terminal_summary(terminalreporter):
+    if _TALLY:
+        terminalreporter.section("robustness tally")
+        for name, value in sorted(_TALLY.items()):
+            terminalreporter.write_line(f"{name[len('robustness: '):]}: {value}")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -439,7 +439,7 @@ def outcomes(artifacts, moto_server, auth_s3, tmp_path_factory):
 @pytest.mark.e2e
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
-def test_bad_input_is_one_clear_line(case, outcomes):
+def test_bad_input_is_one_clear_line(case, outcomes, record_property):
     run, res, before = outcomes[case.id]
     lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
     report = f"rc={res.returncode}\nstdout:\n{res.stdout[-2000:]}\nstderr:\n{res.stderr[-4000:]}"
@@ -461,6 +461,7 @@ def test_bad_input_is_one_clear_line(case, outcomes):
         assert not path.exists(), (f"partial output left: {path}", report)
     for path, digest in before.items():
         assert _tree_digest(path) == digest, (f"{path} was modified by a failed command", report)
+    record_property("robustness: bad inputs rejected with one clear line", 1)
 
 
 @pytest.mark.e2e

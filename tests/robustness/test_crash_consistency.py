@@ -98,7 +98,7 @@ TRAIN_KILLS = 12
 
 
 @pytest.mark.timeout(300)
-def test_sigkilled_training_always_leaves_a_loadable_latest_checkpoint(artifacts, tmp_path):
+def test_sigkilled_training_always_leaves_a_loadable_latest_checkpoint(artifacts, tmp_path, record_property):
     from archipelago.errors import CheckpointError
     from archipelago.experts.checkpoint import CheckpointManager, load_expert, verify_checkpoint
 
@@ -166,6 +166,7 @@ def test_sigkilled_training_always_leaves_a_loadable_latest_checkpoint(artifacts
     assert steps == list(range(1, TRAIN_STEPS + 1)), steps      # every step logged once, in order
     print(f"training: {log}")
     assert log.kills >= TRAIN_KILLS and log.targeted >= 1 and log.interrupted_writes >= 1, log
+    record_property("robustness: SIGKILLs survived (training)", log.kills)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -176,7 +177,7 @@ PREPARE_KILLS = 8
 
 
 @pytest.mark.timeout(300)
-def test_sigkilled_data_prepare_never_leaves_a_manifest_that_lies(artifacts, tmp_path):
+def test_sigkilled_data_prepare_never_leaves_a_manifest_that_lies(artifacts, tmp_path, record_property):
     from archipelago.data.shards import MANIFEST, verify_shards
 
     out = tmp_path / "data"
@@ -216,3 +217,4 @@ def test_sigkilled_data_prepare_never_leaves_a_manifest_that_lies(artifacts, tmp
     assert manifest.data_config["seed"] == attempt
     print(f"data prepare: {log}")
     assert log.kills >= PREPARE_KILLS, log
+    record_property("robustness: SIGKILLs survived (data prepare)", log.kills)
