@@ -10,15 +10,6 @@ from archipelago.experts.dit import DiT
 from archipelago.experts.flow import flow_matching_loss, interpolate, sample_t, velocity_target
 from archipelago.experts.sampling import euler_step, guided_velocity, heun_step, sample, timesteps
 
-
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Tiny tensors on 2 shared cores: intra-op threads only add contention (10x slower under load)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 # ----------------------------------------------------------------------------------------------------
 # The path and the loss
 # ----------------------------------------------------------------------------------------------------

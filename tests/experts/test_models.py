@@ -23,15 +23,6 @@ from archipelago.experts.dit import Attention, LabelEmbedder, TimestepEmbedder, 
 from archipelago.experts.ema import EMA
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Tiny tensors on 2 shared cores: intra-op threads only add contention (10x slower under load)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def tiny_dit(**kw) -> DiT:
     args = {"input_size": 8, "in_channels": 1, "patch_size": 2, "hidden_size": 32, "depth": 2, "num_heads": 4,
             "num_classes": 10}

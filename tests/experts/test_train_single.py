@@ -21,14 +21,6 @@ from archipelago.experts.checkpoint import CheckpointManager, load_expert, read_
 from archipelago.experts.train import ShardSampler, lr_at, train_expert
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 class Capture(TrainCallback):
     """Keeps what the loop hands to callbacks (the live model and EMA) and every hook call."""
 

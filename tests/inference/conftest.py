@@ -3,22 +3,12 @@ from __future__ import annotations
 
 import time
 
-import pytest
 import torch
 from torch import nn
 
 from archipelago import storage
 from archipelago.experts.checkpoint import EMA, FORMAT_VERSION, META, encode_tensors, model_record
 from archipelago.experts.dit import DiT
-
-
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Tiny tensors on 2 shared cores: intra-op threads only add contention."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def tiny_dit(seed: int = 0, **kw) -> DiT:

@@ -1,5 +1,6 @@
 """Island plans from the config (validation with the field named), the concurrency gate, and a real local
-Ray head from `archipelago cluster up|status|down` with an island submitted to it as a Ray job."""
+Ray head from `archipelago cluster up|status|down` with an island submitted to it as a Ray job, and the
+whole pipeline submitted with `ray job submit ... -- archipelago train` as the README says."""
 from __future__ import annotations
 
 import os
@@ -13,6 +14,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+import yaml
 
 from archipelago.cluster.spec import ClusterSpec, resolve_islands
 from archipelago.data.shards import load_manifest
@@ -102,14 +104,17 @@ def test_resource_gate_caps_concurrency_and_fits_demands():
 # ----------------------------------------------------------------------------------------------------
 
 def _cli(*args: str, timeout: float = 180) -> subprocess.CompletedProcess:
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    # The venv's bin on PATH, as after `source .venv/bin/activate`: the head (and so every job it runs) finds
+    # the `archipelago` entry point the way a user's `ray job submit ... -- archipelago train` expects.
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "PATH": path}
     env.pop("RAY_ADDRESS", None)
     return subprocess.run([sys.executable, "-m", "archipelago.cli", *args], check=False, capture_output=True, text=True,
                           env=env, timeout=timeout, cwd=REPO)
 
 
 @pytest.mark.e2e
-@pytest.mark.timeout(400)
+@pytest.mark.timeout(700)
 def test_cluster_up_status_job_island_down(run_root, make_config, tmp_path):
     from archipelago.cluster.local import read_state
     from archipelago.experts.checkpoint import verify_checkpoint
@@ -142,6 +147,26 @@ def test_cluster_up_status_job_island_down(run_root, make_config, tmp_path):
         res = run_island(plan, cfg, str(run_root), max_failures=0)
         assert res.status == "trained", res.error
         assert verify_checkpoint(res.final_checkpoint)["step"] == 10
+
+        # The whole pipeline as users submit it (README): `ray job submit ... -- archipelago train --config`.
+        job_root = tmp_path / "job-run"
+        shutil.copytree(run_root / "data", job_root / "data")
+        config = tmp_path / "job.yaml"
+        config.write_text(yaml.safe_dump(make_config(job_root).model_dump(mode="json"), sort_keys=False))
+        ray_exe = str(Path(sys.executable).parent / "ray")
+        env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0",
+               "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+        env.pop("RAY_ADDRESS", None)
+        from archipelago.cluster.local import _local_ray_token
+
+        if _local_ray_token():   # a head started while ~/.ray/auth_token exists requires it (README)
+            env["RAY_AUTH_MODE"] = "token"
+        job = subprocess.run([ray_exe, "job", "submit", "--address", f"http://127.0.0.1:{dash}", "--working-dir", ".",
+                              "--", "archipelago", "train", "--config", str(config)],
+                             check=False, capture_output=True, text=True, env=env, timeout=400, cwd=REPO)
+        assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
+        assert "succeeded" in (job.stdout + job.stderr).lower(), job.stdout[-3000:]
+        assert (job_root / "ensemble.json").is_file() and list((job_root / "samples").glob("*.png"))
     finally:
         down = _cli("cluster", "down", "--state-file", str(state))
         shutil.rmtree(temp_dir, ignore_errors=True)
@@ -151,9 +176,16 @@ def test_cluster_up_status_job_island_down(run_root, make_config, tmp_path):
     assert "nothing stopped" in gone.stdout
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-        return True
-    except ProcessLookupError:
-        return False
+def _alive(pid: int, wait: float = 30.0) -> bool:
+    """Whether pid still runs after up to `wait` s (a stopped head may take a moment; a zombie is dead)."""
+    deadline = time.time() + wait
+    while True:
+        try:
+            os.kill(pid, 0)
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+            running = state != "Z"
+        except (ProcessLookupError, FileNotFoundError):
+            running = False
+        if not running or time.time() > deadline:
+            return running
+        time.sleep(0.5)
