@@ -208,6 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--k", type=int, default=4, help="Experts of the main DDM arm (the second arm has 2K).")
     ap.add_argument("--steps", type=int, default=300, help="S: steps per expert of the K arm.")
     ap.add_argument("--no-2k", action="store_true", help="Skip the 2K-expert arm.")
+    ap.add_argument("--no-random", action="store_true", help="Skip the random-sharding ablation arm.")
     ap.add_argument("--n", type=int, default=400, help="Generated samples per model (classes balanced).")
     ap.add_argument("--sample-steps", type=int, default=20, help="Euler steps.")
     ap.add_argument("--cfg", type=float, default=2.0, help="Guidance scale.")
@@ -236,8 +237,9 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("--steps must be even (the 2K arm trains S/2 steps per expert)")
 
     # ---- data --------------------------------------------------------------------------------------
-    data = {"all": prepare(cfg, work, 1, "kmeans"), "kmeans": prepare(cfg, work, k, "kmeans"),
-            "random": prepare(cfg, work, k, "random")}
+    data = {"all": prepare(cfg, work, 1, "kmeans"), "kmeans": prepare(cfg, work, k, "kmeans")}
+    if not args.no_random:
+        data["random"] = prepare(cfg, work, k, "random")
     if not args.no_2k:
         data["kmeans2k"] = prepare(cfg, work, 2 * k, "kmeans")
 
@@ -257,8 +259,9 @@ def main(argv: list[str] | None = None) -> int:
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor
 
-    specs = {"monolith": (data["all"], 1, k * s), f"ddm-k{k}-kmeans": (data["kmeans"], k, s),
-             f"ddm-k{k}-random": (data["random"], k, s)}
+    specs = {"monolith": (data["all"], 1, k * s), f"ddm-k{k}-kmeans": (data["kmeans"], k, s)}
+    if not args.no_random:
+        specs[f"ddm-k{k}-random"] = (data["random"], k, s)
     if not args.no_2k:
         specs[f"ddm-k{2 * k}-kmeans"] = (data["kmeans2k"], 2 * k, s // 2)
     t_train = time.perf_counter()

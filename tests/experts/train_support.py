@@ -79,7 +79,7 @@ def train_cmd(cfg_path: Path, data: str, out: Path, *extra: str, nproc: int | No
             *args]
 
 
-def run_ok(cmd: list[str], timeout: float = 240) -> subprocess.CompletedProcess:
+def run_ok(cmd: list[str], timeout: float = 420) -> subprocess.CompletedProcess:
     proc = subprocess.run(cmd, check=False, capture_output=True, text=True, env=child_env(),
                           timeout=timeout, cwd=REPO)
     assert proc.returncode == 0, f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-4000:]}"
