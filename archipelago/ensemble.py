@@ -303,8 +303,10 @@ def read_spec(url: str) -> EnsembleSpec:
         raise EnsembleError(f"{f}: field '{'.'.join(map(str, e['loc']))}': {e['msg']}") from None
 
 
-def load_ensemble(url: str, mode: str = "top-1", device: str | torch.device = "cpu") -> Ensemble:
-    """Verify and load an ensemble (eval mode) from ensemble.json; the spec is at `.spec`.
+def verified_members(url: str) -> tuple[EnsembleSpec, dict[int, str], str, dict[int, dict[str, Any]]]:
+    """(spec, expert URL by shard id, router URL, expert metas) of ensemble.json after every check that
+    `load_ensemble` makes, reading metadata only (no weights): parallel launchers verify on the driver and
+    let each rank load just the experts it holds.
 
     Checks: all experts share architecture (latent shape, class set, dims) and sampler settings; each was
     trained on the ensemble's data manifest and on the shard whose sha256 the manifest lists for its id;
@@ -312,8 +314,6 @@ def load_ensemble(url: str, mode: str = "top-1", device: str | torch.device = "c
     still reachable at the recorded data_url, that its manifest is the one pinned here.
     """
     from archipelago.data.shards import manifest_sha256
-    from archipelago.experts.checkpoint import load_expert
-    from archipelago.router.train import load_router
 
     f = _ensemble_file(url)
     spec = read_spec(url)
@@ -330,6 +330,16 @@ def load_ensemble(url: str, mode: str = "top-1", device: str | torch.device = "c
             raise EnsembleError(f"{f}: the data manifest at {spec.data_url} changed since the ensemble was "
                                 f"written ({current[:12]}… vs {spec.data_manifest_sha256[:12]}…); re-train or "
                                 f"point data_url at the original data")
+    return spec, expert_urls, router_url, metas
+
+
+def load_ensemble(url: str, mode: str = "top-1", device: str | torch.device = "cpu") -> Ensemble:
+    """Verify (`verified_members`) and load an ensemble (eval mode) from ensemble.json; the spec is at
+    `.spec`."""
+    from archipelago.experts.checkpoint import load_expert
+    from archipelago.router.train import load_router
+
+    spec, expert_urls, router_url, metas = verified_members(url)
     experts = []
     for k in sorted(expert_urls):
         try:

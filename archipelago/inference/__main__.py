@@ -10,6 +10,9 @@
     torchrun --nproc-per-node 2 -m archipelago.inference --expert E0 --expert E1 --router R \\
         --mode expert_parallel --routing top-1 --out x.safetensors
     # several nodes: torchrun --nnodes 2 --node-rank R --rdzv-endpoint HOST:29500 --nproc-per-node 8 ...
+
+`archipelago generate --parallel MODE --launcher torchrun` starts this module with --spec-json and
+--parallel-json (the exact SamplingSpec / ParallelConfig) and reads --stats (every rank's measurements).
 """
 from __future__ import annotations
 
@@ -18,16 +21,19 @@ import json
 import os
 import sys
 
-from archipelago.errors import ArchipelagoError
+import torch.distributed as dist
+
+from archipelago.errors import ArchipelagoError, ConfigError
 from archipelago.inference.config import Mode, ParallelConfig
-from archipelago.inference.runner import SamplingSpec, run_parallel_sampling
+from archipelago.inference.runner import SamplingSpec, _device, init_process_group, run_parallel_sampling
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m archipelago.inference", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--expert", action="append", required=True,
-                   help="expert checkpoint URL (repeat for ensembles)")
+    p.add_argument("--spec-json", help="the whole SamplingSpec as JSON (replaces the sampling flags)")
+    p.add_argument("--parallel-json", help="the whole ParallelConfig as JSON (replaces the layout flags)")
+    p.add_argument("--expert", action="append", help="expert checkpoint URL (repeat for ensembles)")
     p.add_argument("--router", help="router checkpoint URL (expert_parallel)")
     p.add_argument("--routing", default="top-1", help="ensemble routing: full | top-k")
     p.add_argument("--mode", default="single", choices=[m.value for m in Mode])
@@ -50,28 +56,54 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def _spec_and_layout(args: argparse.Namespace) -> tuple[SamplingSpec, ParallelConfig]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if args.parallel_json:
+        pcfg = ParallelConfig.model_validate_json(args.parallel_json)
+    else:
+        pcfg = ParallelConfig.create(
+            mode=args.mode, world_size=world, patch_degree=args.patch_degree, cfg_degree=args.cfg_degree,
+            expert_degree=args.expert_degree, patch_mode=args.patch_mode, warmup_steps=args.warmup_steps,
+            comm_group_layers=args.comm_group_layers)
+    if pcfg.world_size != world:
+        raise ConfigError(f"{pcfg.describe()} needs {pcfg.world_size} processes, torchrun started {world}")
+    if args.spec_json:
+        return SamplingSpec.model_validate_json(args.spec_json), pcfg
+    if not args.expert:
+        raise ConfigError("--expert CKPT (or --spec-json) is required")
+    spec = SamplingSpec(experts=args.expert, router=args.router, routing=args.routing,
+                        num_samples=args.num_samples, labels=args.labels, seed=args.seed, steps=args.steps,
+                        sampler=args.sampler, cfg_scale=args.cfg_scale, device=args.device, out=args.out)
+    return spec, pcfg
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    owns_group = False
     try:
-        pcfg = ParallelConfig.create(
-            mode=args.mode, world_size=int(os.environ.get("WORLD_SIZE", "1")), patch_degree=args.patch_degree,
-            cfg_degree=args.cfg_degree, expert_degree=args.expert_degree, patch_mode=args.patch_mode,
-            warmup_steps=args.warmup_steps, comm_group_layers=args.comm_group_layers)
-        spec = SamplingSpec(experts=args.expert, router=args.router, routing=args.routing,
-                            num_samples=args.num_samples, labels=args.labels, seed=args.seed,
-                            steps=args.steps, sampler=args.sampler, cfg_scale=args.cfg_scale,
-                            device=args.device, out=args.out)
+        spec, pcfg = _spec_and_layout(args)
+        if pcfg.world_size > 1 and not dist.is_initialized():
+            # joined here (not inside run_parallel_sampling) so the ranks' summaries can be gathered after
+            init_process_group(int(os.environ["RANK"]), pcfg.world_size, None, _device(spec))
+            owns_group = True
         result = run_parallel_sampling(spec, pcfg)
+        summaries = [result.summary()]
+        if pcfg.world_size > 1:
+            summaries = [None] * pcfg.world_size
+            dist.all_gather_object(summaries, result.summary())
     except ArchipelagoError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    finally:
+        if owns_group:
+            dist.destroy_process_group()
     if result.rank == 0:
-        summary = result.summary()
+        summary = summaries[0]
         print(json.dumps({k: summary[k] for k in ("describe", "latency_s", "peak_mem_bytes")}))
         if args.stats:
             from archipelago import storage
 
-            storage.write_json(args.stats, summary)
+            storage.write_json(args.stats, {**summary, "ranks": summaries})
     return 0
 
 

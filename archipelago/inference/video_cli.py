@@ -18,14 +18,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing as mp
 import os
-import queue
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 import traceback
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -43,6 +39,7 @@ from archipelago.inference.dualparal import (
     keep_only_stage,
     stage_layers,
 )
+from archipelago.inference.local import set_threads, spawn_ranks
 from archipelago.inference.ray_launcher import InferenceWorker, placement_strategy
 from archipelago.inference.runner import (
     _device,
@@ -237,16 +234,9 @@ def read_video(url: str) -> torch.Tensor:
 # Launchers
 # ----------------------------------------------------------------------------------------------------
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _local_worker(rank: int, world: int, specs: list[dict[str, Any]], init_method: str, threads: int,
+def _local_worker(rank: int, init_method: str, world: int, specs: list[dict[str, Any]], threads: int,
                   out: Any) -> None:
-    os.environ["OMP_NUM_THREADS"] = str(threads)
-    torch.set_num_threads(threads)
+    set_threads(threads)
     try:
         if world > 1:
             init_process_group(rank, world, init_method, _device(VideoSpec(**specs[0])))
@@ -277,40 +267,12 @@ def launch_local_runs(specs: list[VideoSpec], world_size: int, threads_per_rank:
                       timeout_s: float = 300) -> list[list[VideoResult]]:
     """Several runs, one after the other, in the same `world_size` spawned processes (benchmarks, tests:
     process start-up and lazy init are paid once). Returns, per spec, every rank's result in rank order."""
-    ctx = mp.get_context("spawn")
-    out = ctx.Queue()
-    init_method = f"tcp://127.0.0.1:{_free_port()}"
-    dumped = [s.model_dump() for s in specs]
-    procs = [ctx.Process(target=_local_worker, daemon=True,
-                         args=(r, world_size, dumped, init_method, threads_per_rank, out))
-             for r in range(world_size)]
-    for p in procs:
-        p.start()
-    results: dict[int, list[VideoResult]] = {}
-    deadline = time.monotonic() + timeout_s
-    try:
-        while len(results) < world_size:
-            try:
-                rank, res, err = out.get(timeout=1.0)
-            except queue.Empty:
-                dead = [r for r, p in enumerate(procs) if r not in results and p.exitcode is not None]
-                if dead:
-                    raise RuntimeError(f"launch_local: ranks {dead} exited without a result") from None
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"launch_local: no result within {timeout_s:.0f}s") from None
-                continue
-            if err is not None:
-                raise RuntimeError(f"rank {rank} failed:\n{err}")
-            for r in res:
-                if r.video is not None:
-                    r.video = torch.from_numpy(r.video)
-            results[rank] = res
-    finally:
-        for p in procs:
-            p.join(timeout=10)
-            if p.is_alive():
-                p.kill()
-                p.join()
+    results = spawn_ranks(_local_worker, world_size,
+                          (world_size, [s.model_dump() for s in specs], threads_per_rank), timeout_s)
+    for res in results:
+        for r in res:
+            if r.video is not None:
+                r.video = torch.from_numpy(r.video)
     return [[results[r][i] for r in range(world_size)] for i in range(len(specs))]
 
 
@@ -382,11 +344,9 @@ def generate_video(spec: VideoSpec, world_size: int = 1, launcher: str = "torchr
     if launcher == "local":
         return [r.summary() for r in launch_local(spec, world_size, timeout_s=timeout_s)]
     if launcher == "ray":
-        import ray
+        from archipelago.inference.ray_launcher import connect
 
-        if not ray.is_initialized():
-            ray.init(address=ray_address or os.environ.get("RAY_ADDRESS") or None, include_dashboard=False,
-                     log_to_driver=False)
+        connect(ray_address)
         return [r.summary() for r in launch_ray_video(spec, world_size, timeout_s=timeout_s)]
     if "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) == world_size:
         return [run_video_rank(spec).summary()]

@@ -1,0 +1,117 @@
+"""What `archipelago generate --parallel MODE` runs: one sampling job on N ranks through a chosen launcher.
+
+    spec = sampling_spec("runs/q/ensemble.json", routing="top-1", n=16, steps=32, cfg_scale=2.0)
+    samples, ranks = generate_parallel(spec, ParallelConfig(mode="expert_parallel", world_size=4),
+                                       launcher="ray")
+
+Every launcher ends in the same `run_parallel_sampling` on every rank, with the same seeded noise, so the
+three give the same samples: `local` (spawned processes here), `torchrun` (a `torch.distributed.run`
+subprocess of `python -m archipelago.inference`), `ray` (actors in a placement group on the Ray cluster at
+`ray_address` / $RAY_ADDRESS, or a local Ray: how a job spans nodes). The samples come back to the caller,
+which writes the picture, so the output lands where the user asked whatever node rank 0 ran on.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+from typing import Any
+
+import torch
+
+from archipelago.errors import ArchipelagoError, ConfigError
+from archipelago.inference.config import ParallelConfig
+from archipelago.inference.runner import (
+    SamplingSpec,
+    check_patch_rows,
+    read_samples,
+    run_parallel_sampling,
+)
+
+LAUNCHERS = ("torchrun", "ray", "local")
+
+
+def resolve_members(source: str) -> tuple[list[str], str | None, dict[str, Any]]:
+    """(expert URLs in shard order, router URL or None, first expert's model record) of an ensemble.json
+    URL (verified without loading weights) or of one expert checkpoint directory."""
+    from archipelago import storage
+    from archipelago.ensemble import ENSEMBLE_FILE, verified_members
+    from archipelago.experts.checkpoint import read_meta
+
+    if source.endswith(".json") or storage.exists(storage.join(source, ENSEMBLE_FILE)):
+        _, experts, router, metas = verified_members(source)
+        return [experts[k] for k in sorted(experts)], router, metas[min(metas)].get("model") or {}
+    return [source], None, read_meta(source).get("model") or {}
+
+
+def sampling_spec(source: str, routing: str = "top-1", n: int = 16, cfg_scale: float = 1.0, seed: int = 0,
+                  steps: int = 32, sampler: str = "euler", device: str = "auto") -> SamplingSpec:
+    """The SamplingSpec of `archipelago generate`: classes 0..C-1 repeated (as the single-device path)."""
+    experts, router, record = resolve_members(source)
+    if record.get("class") not in (None, "DiT"):
+        raise ConfigError(f"{source}: a {record.get('class')} expert; videos use `archipelago generate-video`")
+    num_classes = int((record.get("args") or {}).get("num_classes", 1))
+    labels = [i % max(num_classes, 1) for i in range(n)]
+    return SamplingSpec(experts=experts, router=router, routing=routing, num_samples=n, labels=labels,
+                        seed=seed, steps=steps, sampler=sampler, cfg_scale=cfg_scale, device=device)
+
+
+def generate_parallel(spec: SamplingSpec, pcfg: ParallelConfig, launcher: str = "torchrun",
+                      ray_address: str | None = None,
+                      timeout_s: float = 3600) -> tuple[torch.Tensor, list[dict[str, Any]]]:
+    """(samples [N, C, H, W] on the CPU, every rank's measurement summary in rank order)."""
+    if launcher not in LAUNCHERS:
+        raise ConfigError(f"--launcher {launcher!r}; allowed: {' | '.join(LAUNCHERS)}")
+    spec = spec.model_copy(update={"out": None})
+    check_patch_rows(spec, pcfg)   # one line here, before any process or actor starts
+    if pcfg.world_size == 1:
+        r = run_parallel_sampling(spec, pcfg)
+        return r.samples, [r.summary()]
+    if launcher == "local":
+        from archipelago.inference.local import launch_local
+
+        results = launch_local(spec, pcfg, timeout_s=timeout_s)
+        return results[0].samples, [r.summary() for r in results]
+    if launcher == "ray":
+        return _via_ray(spec, pcfg, ray_address, timeout_s)
+    return _via_torchrun(spec, pcfg, timeout_s)
+
+
+def _via_ray(spec: SamplingSpec, pcfg: ParallelConfig, ray_address: str | None,
+             timeout_s: float) -> tuple[torch.Tensor, list[dict[str, Any]]]:
+    import ray
+
+    from archipelago.inference.ray_launcher import connect, launch_ray
+
+    started = connect(ray_address)
+    try:
+        results = launch_ray(spec, pcfg, timeout_s=timeout_s)
+    except RuntimeError as exc:
+        raise ArchipelagoError(f"ray launcher: {exc}") from None
+    finally:
+        if started:
+            ray.shutdown()
+    return torch.as_tensor(results[0].samples).clone(), [r.summary() for r in results]
+
+
+def _via_torchrun(spec: SamplingSpec, pcfg: ParallelConfig,
+                  timeout_s: float) -> tuple[torch.Tensor, list[dict[str, Any]]]:
+    from archipelago import storage
+
+    with tempfile.TemporaryDirectory(prefix="archipelago-generate-") as tmp:
+        out, stats = os.path.join(tmp, "samples.safetensors"), os.path.join(tmp, "stats.json")
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               f"--nproc-per-node={pcfg.world_size}", "-m", "archipelago.inference",
+               "--spec-json", spec.model_copy(update={"out": out}).model_dump_json(),
+               "--parallel-json", pcfg.model_dump_json(), "--stats", stats]
+        env = {"OMP_NUM_THREADS": "1", **os.environ}
+        try:
+            proc = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True, timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            raise ArchipelagoError(f"torchrun generate: no result within {timeout_s:.0f}s") from None
+        if proc.returncode != 0:
+            errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error: ")]
+            tail = errors[:1] or (proc.stderr or proc.stdout).strip().splitlines()[-6:]
+            raise ArchipelagoError(f"torchrun generate failed (exit {proc.returncode}): " + " | ".join(tail))
+        return read_samples(out), storage.read_json(stats)["ranks"]
