@@ -21,13 +21,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
+from bench_common import machine, write_report
 
 from archipelago import storage
 from archipelago.experts.checkpoint import (
@@ -194,21 +194,6 @@ def _consistency_row(name: str, video: torch.Tensor, block: int) -> dict[str, An
 # Report
 # ----------------------------------------------------------------------------------------------------
 
-def machine(device: str) -> dict[str, Any]:
-    cpu = ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return {"platform": platform.platform(), "python": sys.version.split()[0], "torch": torch.__version__,
-            "cpu": cpu or platform.processor(), "cpu_count": os.cpu_count(),
-            "affinity_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-            "loadavg_at_start": os.getloadavg(), "device": device,
-            "backend": "nccl" if device == "cuda" else "gloo",
-            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
-
-
 def tables(perf: list[dict[str, Any]], cons: list[dict[str, Any]]) -> str:
     kib = 1024
     lines = [("| world | frames | iterations | latency s | s/frame | vs world 1 | working tensors KiB/rank "
@@ -291,9 +276,7 @@ def main() -> int:
               "rank0_state_bytes_analytic": analytic}
     text = tables(perf, cons)
     print("\n" + text)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=2, default=float) + "\n")
-    print(f"\nwrote {args.out}")
+    write_report(args.out, report)
     return 0
 
 

@@ -23,7 +23,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -31,9 +30,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from bench_common import machine, write_report
 
-from archipelago import storage
-from archipelago.experts.checkpoint import EMA, FORMAT_VERSION, META, encode_tensors, model_record
+from archipelago.experts.checkpoint import save_for_inference
 from archipelago.experts.dit import DiT
 from archipelago.inference.config import ParallelConfig
 from archipelago.inference.local import launch_local
@@ -82,12 +81,7 @@ def perturbed_router(module: torch.nn.Module, seed: int, scale: float = 0.5) -> 
 
 
 def save_expert(model: DiT, url: str) -> str:
-    digest = storage.write_bytes(storage.join(url, EMA), encode_tensors(model.state_dict(), "ema"))
-    storage.write_json(storage.join(url, META), {
-        "format_version": FORMAT_VERSION, "step": 0, "final": True, "strategy": "single", "world_size": 1,
-        "model": model_record(model), "files": {EMA: digest}, "metrics": {}, "created_at": time.time(),
-        "torch_version": torch.__version__})
-    return url
+    return save_for_inference(model, url)
 
 
 def save_router(num_experts: int, url: str, seed: int, size: int) -> str:
@@ -216,20 +210,6 @@ def trained_quality(work: Path, worlds: list[int], steps_list: list[int], n: int
     return {"model": "DiT 16x16 (64 tokens), hidden 64, depth 4, trained on all 1,797 digits",
             "train_steps": train_steps, "train_s": train_s, "num_samples": n, "sampler": "euler",
             "cfg_scale": 2.0, "rows": rows}
-
-
-def machine() -> dict[str, Any]:
-    cpu = ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return {"platform": platform.platform(), "python": sys.version.split()[0], "torch": torch.__version__,
-            "cpu": cpu or platform.processor(), "cpu_count": os.cpu_count(),
-            "affinity_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-            "loadavg_at_start": os.getloadavg(), "backend": "gloo", "device": "cpu",
-            "cuda_available": torch.cuda.is_available()}
 
 
 def trained_table(q: dict[str, Any]) -> str:
@@ -371,9 +351,7 @@ def main() -> int:
         ],
         "tables": report_tables, "crossover": cross, "trained": quality,
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=2, default=float) + "\n")
-    print(f"\nwrote {args.out}")
+    write_report(args.out, report)
     return 0
 
 

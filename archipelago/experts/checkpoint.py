@@ -224,6 +224,17 @@ class CheckpointManager:
 # Reading
 # ----------------------------------------------------------------------------------------------------
 
+def save_for_inference(model: nn.Module, url: str) -> str:
+    """A final, weights-only checkpoint of an in-memory model (EMA = the model) that `load_expert` reads:
+    how benchmarks and tests hand constructed models to the launchers, which take checkpoint URLs."""
+    digest = storage.write_bytes(storage.join(url, EMA), encode_tensors(model.state_dict(), "ema"))
+    storage.write_json(storage.join(url, META), {
+        "format_version": FORMAT_VERSION, "step": 0, "final": True, "strategy": "single", "world_size": 1,
+        "model": model_record(model), "files": {EMA: digest}, "metrics": {}, "created_at": time.time(),
+        "torch_version": torch.__version__})
+    return url
+
+
 def read_meta(ckpt_url: str) -> dict[str, Any]:
     """meta.json of a checkpoint, format-checked; CheckpointError (one line) if missing or foreign."""
     url = storage.join(ckpt_url, META)

@@ -1,13 +1,10 @@
 """Fixtures of the inference tests: small random-init experts and routers written as real checkpoints."""
 from __future__ import annotations
 
-import time
-
 import torch
 from torch import nn
 
-from archipelago import storage
-from archipelago.experts.checkpoint import EMA, FORMAT_VERSION, META, encode_tensors, model_record
+from archipelago.experts.checkpoint import save_for_inference
 from archipelago.experts.dit import DiT
 
 
@@ -28,12 +25,7 @@ def randomize(model: nn.Module, seed: int = 0, scale: float = 0.2) -> nn.Module:
 
 def save_expert(model: nn.Module, url: str) -> str:
     """Write `model` as an expert checkpoint (EMA weights = the model) in the format load_expert reads."""
-    digest = storage.write_bytes(storage.join(url, EMA), encode_tensors(model.state_dict(), "ema"))
-    storage.write_json(storage.join(url, META), {
-        "format_version": FORMAT_VERSION, "step": 0, "final": True, "strategy": "single", "world_size": 1,
-        "model": model_record(model), "files": {EMA: digest}, "metrics": {}, "created_at": time.time(),
-        "torch_version": torch.__version__})
-    return url
+    return save_for_inference(model, url)
 
 
 def psnr(x: torch.Tensor, ref: torch.Tensor) -> float:

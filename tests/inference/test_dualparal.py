@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import itertools
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
 from archipelago import storage
-from archipelago.experts.checkpoint import EMA, FORMAT_VERSION, META, encode_tensors, model_record
+from archipelago.experts.checkpoint import save_for_inference
 from archipelago.experts.sampling import sample
 from archipelago.experts.video_dit import VideoDiT
 from archipelago.inference.dualparal import (
@@ -46,12 +45,7 @@ def tiny_video_dit(seed: int = 0) -> VideoDiT:
 
 def save_checkpoint(model: torch.nn.Module, url: str) -> str:
     """An expert checkpoint in the format load_expert reads (EMA weights = the model)."""
-    digest = storage.write_bytes(storage.join(url, EMA), encode_tensors(model.state_dict(), "ema"))
-    storage.write_json(storage.join(url, META), {
-        "format_version": FORMAT_VERSION, "step": 0, "final": True, "strategy": "single", "world_size": 1,
-        "model": model_record(model), "files": {EMA: digest}, "metrics": {}, "created_at": time.time(),
-        "torch_version": torch.__version__})
-    return url
+    return save_for_inference(model, url)
 
 
 @pytest.fixture(scope="module")
