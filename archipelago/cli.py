@@ -190,11 +190,29 @@ def generate_cmd(
     save_tensor: str | None = typer.Option(None, "--save-tensor",
                                               help="Also write samples + labels as safetensors (for eval)."),
     device: str = typer.Option("cpu", "--device", help="cpu | cuda | cuda:N."),
+    parallel: str | None = typer.Option(None, "--parallel", help="Split the job over ranks: naive_patch | "
+                                        "sync_patch | distrifusion | cfg_parallel | expert_parallel."),
+    world_size: int = typer.Option(2, "--world-size", min=1, help="Ranks of --parallel."),
+    launcher: str = typer.Option("torchrun", "--launcher", help="torchrun | ray | local (with --parallel)."),
+    patch_mode: str = typer.Option("sync_patch", "--patch-mode", help="Patch mode inside cfg_parallel."),
+    warmup_steps: int = typer.Option(1, "--warmup-steps", min=0, help="DistriFusion synchronous steps."),
+    comm_group_layers: int = typer.Option(1, "--comm-group-layers", min=1,
+                                          help="DistriFusion: layers per async K/V exchange."),
+    ray_address: str | None = typer.Option(None, "--ray-address", help="Ray cluster for --launcher ray "
+                                           "(default: $RAY_ADDRESS, else a local Ray)."),
+    stats: str | None = typer.Option(None, "--stats", help="JSON URL with every rank's latency, peak memory "
+                                     "and bytes sent (with --parallel)."),
+    pin: str | None = typer.Option(None, "--pin", help="--launcher ray: a Ray resource per rank, comma-separated "
+                                   "(e.g. node_1,node_2: each rank on the node advertising it)."),
 ) -> None:
     """Sample a PNG grid from an ensemble or a single expert (classes 0..9 repeated, seeded noise).
 
     Example: archipelago generate --ensemble runs/quickstart/ensemble.json --mode top-1 --n 64 --cfg 2.0
     --seed 0 --steps 32 --out grid.png --save-tensor samples.safetensors
+
+    Across ranks (same noise, same samples as one device for sync_patch/cfg_parallel/expert_parallel):
+    archipelago generate --expert runs/quickstart/experts/expert-0/final --parallel distrifusion
+    --world-size 2 --launcher ray --out grid.png
     """
     from archipelago.errors import ConfigError
     from archipelago.generate import (
@@ -218,6 +236,11 @@ def generate_cmd(
         except EnsembleError as exc:
             raise ConfigError(f"generate: --mode: {exc}") from None
     t0 = time.perf_counter()
+    if parallel is not None:
+        _generate_parallel(ensemble or expert, mode, n, cfg_scale, seed, steps, sampler, out, save_tensor,
+                           device, parallel, world_size, launcher, patch_mode, warmup_steps, comm_group_layers,
+                           ray_address, stats, pin)
+        return
     model = load_sampler_model(ensemble or expert, mode=mode, device=device)
     labels = default_classes(n, model.num_classes)
     x = generate(model, n, cfg_scale=cfg_scale, seed=seed, steps=steps, sampler=sampler, classes=labels,
@@ -231,6 +254,49 @@ def generate_cmd(
     what = f"ensemble ({mode}, {calls} expert calls)" if ensemble else "expert"
     typer.echo(f"{n} samples from {what} in {time.perf_counter() - t0:.1f}s -> {out}"
                + (f" + {save_tensor}" if save_tensor else ""))
+
+
+def _generate_parallel(source: str, routing: str, n: int, cfg_scale: float, seed: int, steps: int, sampler: str,
+                       out: str, save_tensor: str | None, device: str, mode: str, world_size: int, launcher: str,
+                       patch_mode: str, warmup_steps: int, comm_group_layers: int, ray_address: str | None,
+                       stats: str | None, pin: str | None) -> None:
+    """`generate --parallel`: the same picture and tensors, sampled by `world_size` ranks."""
+    import torch
+
+    from archipelago import storage
+    from archipelago.errors import ConfigError
+    from archipelago.generate import save_samples, write_picture
+    from archipelago.inference.config import Mode, ParallelConfig
+    from archipelago.inference.launch import generate_parallel, sampling_spec
+
+    modes = [m.value for m in Mode if m is not Mode.single]
+    if mode not in modes:
+        raise ConfigError(f"generate: --parallel {mode!r}; allowed: {' | '.join(modes)}")
+    pcfg = ParallelConfig.create(mode=mode, world_size=world_size, patch_mode=patch_mode,
+                                 warmup_steps=warmup_steps, comm_group_layers=comm_group_layers)
+    spec = sampling_spec(source, routing=routing, n=n, cfg_scale=cfg_scale, seed=seed, steps=steps,
+                         sampler=sampler, device="cuda" if device.startswith("cuda") else "cpu")
+    t0 = time.perf_counter()
+    rank_resources = [r.strip() for r in pin.split(",")] if pin else None
+    if rank_resources is not None and (launcher != "ray" or len(rank_resources) != world_size):
+        raise ConfigError(f"generate: --pin needs --launcher ray and one resource per rank ({world_size}), got "
+                          f"{pin!r} with --launcher {launcher}")
+    x, ranks = generate_parallel(spec, pcfg, launcher=launcher, ray_address=ray_address,
+                                 rank_resources=rank_resources)
+    write_picture(x, out)
+    labels = torch.tensor(spec.labels, dtype=torch.long)
+    if save_tensor:
+        save_samples(save_tensor, x, labels, {"source": source, "mode": routing if spec.router else None,
+                                              "cfg_scale": cfg_scale, "seed": seed, "steps": steps,
+                                              "sampler": sampler, "parallel": pcfg.describe(),
+                                              "launcher": launcher})
+    if stats:
+        storage.write_json(stats, {"parallel": pcfg.model_dump(mode="json"), "launcher": launcher, "ranks": ranks})
+    sent = sum(r["comm"].get("total_bytes", 0) for r in ranks)
+    peak = max(r["peak_mem_bytes"] for r in ranks)
+    typer.echo(f"{n} samples ({pcfg.describe()}, {launcher}) in {time.perf_counter() - t0:.1f}s: sampling "
+               f"{max(r['latency_s'] for r in ranks):.2f}s, {sent / 2**20:.1f} MiB sent, peak "
+               f"{peak / 2**20:.0f} MiB/rank -> {out}" + (f" + {save_tensor}" if save_tensor else ""))
 
 
 @app.command("eval")
@@ -347,6 +413,92 @@ def cluster_down(
     else:
         typer.echo(f"no local head started by `archipelago cluster up` ({local.state_path(state_file)}); "
                    f"nothing stopped (use --force to run `ray stop`)")
+
+
+NetnsStateOpt = typer.Option(None, "--state-file", help="Where `cluster local` records its namespaces "
+                             "(default: ~/.archipelago/netns-cluster.json or $ARCHIPELAGO_NETNS_STATE).")
+
+
+def _netns_state_path(state_file: Path | None) -> Path:
+    return Path(state_file or os.environ.get("ARCHIPELAGO_NETNS_STATE") or "~/.archipelago/netns-cluster.json"
+                ).expanduser()
+
+
+@cluster_app.command("local")
+def cluster_local(
+    nodes: int = typer.Option(3, "--nodes", min=1, help="Nodes (network namespaces); node 0 runs the Ray head."),
+    link_rate: str = typer.Option("1gbit", "--link-rate", help="Rate of each node's link, both directions "
+                                  "(tc tbf: 50mbit, 1gbit); 'none' for unshaped."),
+    num_cpus: int = typer.Option(1, "--num-cpus", min=1, help="Logical CPUs each Ray node offers."),
+    object_store_mb: int = typer.Option(200, "--object-store-mb", min=80, help="Plasma store per node (MiB)."),
+    subnet: str = typer.Option("10.213.0.0/24", "--subnet", help="Private subnet; exists only inside the "
+                               "namespaces."),
+    dashboard: bool = typer.Option(True, "--dashboard/--no-dashboard", help="Run the head's dashboard (for "
+                                   "`ray job submit` from inside a node)."),
+    down: bool = typer.Option(False, "--down", help="Tear down the cluster this command started."),
+    state_file: Path | None = NetnsStateOpt,
+) -> None:
+    """Real multi-node Ray on one machine (root): N network namespaces on a bridge, each link rate-limited
+    with tc tbf, a Ray node in each with custom resource node_<i> for pinning islands.
+
+    Commands run on a node with `ip netns exec <namespace> ...`; the head address is reachable only from
+    inside the namespaces. Pin an island with --set islands.per_island.0.resources.node_1=1.
+
+    Example: archipelago cluster local --nodes 3 --link-rate 100mbit
+    """
+    from archipelago.cluster.netns import NetnsCluster, NetnsConfig
+
+    path = _netns_state_path(state_file)
+    if down:
+        if not path.is_file():
+            typer.echo(f"no namespace cluster recorded in {path}; nothing stopped (leftovers: `archipelago "
+                       f"cluster cleanup`)")
+            return
+        net = NetnsCluster.from_state(path)
+        net.down()
+        path.unlink(missing_ok=True)
+        typer.echo(f"stopped namespace cluster {net.prefix} ({net.config.nodes} nodes)")
+        return
+    if path.is_file():
+        net = NetnsCluster.from_state(path)
+        if net.is_running():
+            typer.echo(f"already running: namespace cluster {net.prefix}\n{net.describe()}")
+            return
+    net = NetnsCluster(NetnsConfig(nodes=nodes, link_rate=link_rate, num_cpus=num_cpus,
+                                   object_store_mb=object_store_mb, subnet=subnet, include_dashboard=dashboard))
+    t0 = time.perf_counter()
+    net.up()
+    net.save_state(path)
+    typer.echo(f"started {nodes} Ray nodes in network namespaces in {time.perf_counter() - t0:.0f}s "
+               f"(state: {path})\n{net.describe()}")
+
+
+@cluster_app.command("cleanup")
+def cluster_cleanup(
+    prefix: str = typer.Option("arch-", "--prefix", help="Remove namespaces whose name starts with this "
+                               "(default: every namespace cluster of Archipelago on this machine)."),
+    state_file: Path | None = NetnsStateOpt,
+) -> None:
+    """Remove leftover namespace clusters (after a crash): kill their processes, delete their namespaces,
+    bridges and Ray temp dirs. Never runs `ray stop`: other Ray instances on the machine are left alone.
+
+    Example: archipelago cluster cleanup --prefix arch-
+    """
+    import json
+
+    from archipelago.cluster.netns import cleanup_stale
+
+    removed = cleanup_stale(prefix)
+    path = _netns_state_path(state_file)
+    if path.is_file():
+        try:
+            recorded = json.loads(path.read_text()).get("prefix", "")
+        except (OSError, ValueError):
+            recorded = ""
+        if not recorded or recorded.startswith(prefix):
+            path.unlink(missing_ok=True)
+    typer.echo(f"removed {len(removed)} namespaces: {', '.join(removed)}" if removed
+               else f"no namespaces starting with {prefix!r}")
 
 
 # ----------------------------------------------------------------------------------------------------

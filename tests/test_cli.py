@@ -9,7 +9,8 @@ from archipelago.cli import app
 runner = CliRunner()
 
 COMMANDS = [["data", "prepare"], ["train"], ["train-expert"], ["train-router"], ["generate"], ["eval"],
-            ["cluster", "up"], ["cluster", "status"], ["cluster", "down"], ["quickstart"]]
+            ["cluster", "up"], ["cluster", "status"], ["cluster", "down"], ["cluster", "local"],
+            ["cluster", "cleanup"], ["quickstart"]]
 
 
 def test_root_help_lists_command_groups():

@@ -300,7 +300,9 @@ def train_expert(cfg: ArchipelagoConfig, shard: int, data_url: str, out_url: str
         final_url = None
         if last == total:
             t0 = time.perf_counter()
-            final_url = manager.save(total, wrapped, ema, rng=rng_state(noise), metrics=metrics, final=True)
+            # start_step: where the run that finished began (0, or the checkpoint it resumed from)
+            final_url = manager.save(total, wrapped, ema, rng=rng_state(noise),
+                                     metrics={**metrics, "start_step": start_step}, final=True)
             for cb in callbacks:
                 cb.on_checkpoint(total, final_url)
             ckpt_s += time.perf_counter() - t0

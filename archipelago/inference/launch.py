@@ -58,9 +58,11 @@ def sampling_spec(source: str, routing: str = "top-1", n: int = 16, cfg_scale: f
 
 
 def generate_parallel(spec: SamplingSpec, pcfg: ParallelConfig, launcher: str = "torchrun",
-                      ray_address: str | None = None,
-                      timeout_s: float = 3600) -> tuple[torch.Tensor, list[dict[str, Any]]]:
-    """(samples [N, C, H, W] on the CPU, every rank's measurement summary in rank order)."""
+                      ray_address: str | None = None, timeout_s: float = 3600,
+                      rank_resources: list[str] | None = None) -> tuple[torch.Tensor, list[dict[str, Any]]]:
+    """(samples [N, C, H, W] on the CPU, every rank's measurement summary in rank order).
+
+    rank_resources (ray only): a Ray resource per rank that pins it, e.g. ["node_1", "node_2"]."""
     if launcher not in LAUNCHERS:
         raise ConfigError(f"--launcher {launcher!r}; allowed: {' | '.join(LAUNCHERS)}")
     spec = spec.model_copy(update={"out": None})
@@ -74,19 +76,21 @@ def generate_parallel(spec: SamplingSpec, pcfg: ParallelConfig, launcher: str = 
         results = launch_local(spec, pcfg, timeout_s=timeout_s)
         return results[0].samples, [r.summary() for r in results]
     if launcher == "ray":
-        return _via_ray(spec, pcfg, ray_address, timeout_s)
+        return _via_ray(spec, pcfg, ray_address, timeout_s, rank_resources)
     return _via_torchrun(spec, pcfg, timeout_s)
 
 
-def _via_ray(spec: SamplingSpec, pcfg: ParallelConfig, ray_address: str | None,
-             timeout_s: float) -> tuple[torch.Tensor, list[dict[str, Any]]]:
+def _via_ray(spec: SamplingSpec, pcfg: ParallelConfig, ray_address: str | None, timeout_s: float,
+             rank_resources: list[str] | None) -> tuple[torch.Tensor, list[dict[str, Any]]]:
     import ray
 
     from archipelago.inference.ray_launcher import connect, launch_ray
 
     started = connect(ray_address)
     try:
-        results = launch_ray(spec, pcfg, timeout_s=timeout_s)
+        # GLOO_SOCKET_IFNAME passes through: on multi-homed nodes (namespaces, pods) it names the NIC to use
+        env = {k: os.environ[k] for k in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME") if k in os.environ}
+        results = launch_ray(spec, pcfg, timeout_s=timeout_s, env=env, rank_resources=rank_resources)
     except RuntimeError as exc:
         raise ArchipelagoError(f"ray launcher: {exc}") from None
     finally:

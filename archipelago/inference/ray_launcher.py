@@ -38,9 +38,13 @@ class InferenceWorker:
 
     def run(self, spec: dict[str, Any], pcfg: dict[str, Any], rank: int, init_method: str,
             warmup_runs: int) -> SamplingResult:
+        import ray
+
         os.environ.setdefault("LOCAL_RANK", "0")   # one GPU per actor: Ray sets CUDA_VISIBLE_DEVICES
-        return run_parallel_sampling(SamplingSpec(**spec), ParallelConfig(**pcfg), rank=rank,
-                                     init_method=init_method, warmup_runs=warmup_runs)
+        result = run_parallel_sampling(SamplingSpec(**spec), ParallelConfig(**pcfg), rank=rank,
+                                       init_method=init_method, warmup_runs=warmup_runs)
+        result.node = ray.util.get_node_ip_address()
+        return result
 
 
 def connect(address: str | None = None, timeout_s: float = 5.0) -> bool:
@@ -81,9 +85,12 @@ def placement_strategy(num_nodes: int, num_actors: int) -> str:
 
 def launch_ray(spec: SamplingSpec, pcfg: ParallelConfig, cpus_per_actor: float = 1.0,
                gpus_per_actor: float = 0.0, strategy: str | None = None, warmup_runs: int = 0,
-               timeout_s: float = 600, env: dict[str, str] | None = None) -> list[SamplingResult]:
+               timeout_s: float = 600, env: dict[str, str] | None = None,
+               rank_resources: list[str] | None = None) -> list[SamplingResult]:
     """Run `spec` with `pcfg` on `pcfg.world_size` Ray actors; returns every rank's result (rank order).
 
+    rank_resources: a custom Ray resource per rank (e.g. ["node_1", "node_2"]: the `node_<i>` resource a
+    namespace or cluster node advertises) that pins rank i to the node holding it.
     Needs a connected Ray (`ray.init(...)`); the placement group is removed afterwards even on failure.
     """
     import ray
@@ -94,11 +101,16 @@ def launch_ray(spec: SamplingSpec, pcfg: ParallelConfig, cpus_per_actor: float =
         raise RuntimeError("launch_ray needs a running Ray: call ray.init(...) first")
     n = pcfg.world_size
     nodes = [node for node in ray.nodes() if node.get("Alive")]
-    strategy = strategy or placement_strategy(len(nodes), n)
+    strategy = strategy or ("SPREAD" if rank_resources else placement_strategy(len(nodes), n))
     bundle: dict[str, float] = {"CPU": cpus_per_actor}
     if gpus_per_actor:
         bundle["GPU"] = gpus_per_actor
-    pg = placement_group([dict(bundle) for _ in range(n)], strategy=strategy)
+    if rank_resources is not None and len(rank_resources) != n:
+        raise ValueError(f"rank_resources names {len(rank_resources)} resources for {n} ranks")
+    bundles = [dict(bundle) for _ in range(n)]
+    for b, res in zip(bundles, rank_resources or [], strict=False):
+        b[res] = 0.001   # a sliver: several ranks may share a node
+    pg = placement_group(bundles, strategy=strategy)
     try:
         ray.get(pg.ready(), timeout=timeout_s)
         env = {"OMP_NUM_THREADS": str(max(int(cpus_per_actor), 1)), **(env or {})}

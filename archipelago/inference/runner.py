@@ -61,6 +61,7 @@ class SamplingResult:
     peak_rss_bytes: int = 0      # CPU: absolute RSS high-water mark during the run (runtime + weights + work)
     comm: dict[str, Any] = field(default_factory=dict)
     describe: str = ""
+    node: str = ""               # where the rank ran (the Ray node IP under the Ray launcher)
 
     def summary(self) -> dict[str, Any]:
         return {k: v for k, v in vars(self).items() if k != "samples"}

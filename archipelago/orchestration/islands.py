@@ -112,7 +112,9 @@ def result_from_meta(plan: IslandPlan, meta: dict[str, Any], status: IslandStatu
                      start_step: int | None = None) -> IslandResult:
     return IslandResult(shard=plan.shard, name=plan.name, status=status, mode=plan.mode,
                         final_checkpoint=storage.join(plan.out_url, "final"), steps=int(meta.get("step", 0)),
-                        start_step=start_step, final_loss=(meta.get("metrics") or {}).get("loss"), wall_s=wall_s)
+                        start_step=start_step if start_step is not None else
+                        (meta.get("metrics") or {}).get("start_step"),
+                        final_loss=(meta.get("metrics") or {}).get("loss"), wall_s=wall_s)
 
 
 # ----------------------------------------------------------------------------------------------------

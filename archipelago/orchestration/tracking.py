@@ -122,6 +122,16 @@ def log_metrics(client: Any, run_id: str, rows: Iterable[tuple[int, dict[str, fl
 # Worker side: a TrainCallback that logs from rank 0
 # ----------------------------------------------------------------------------------------------------
 
+def ray_node_ip() -> str | None:
+    """IP address of the Ray node this process runs on; None outside a Ray worker."""
+    try:
+        import ray
+
+        return ray.util.get_node_ip_address() if ray.is_initialized() else None
+    except Exception:  # noqa: BLE001 - tracking must never kill training
+        return None
+
+
 class MlflowMetricsCallback(TrainCallback):
     """Per-step metrics of one island (or the router) into its MLflow run, from rank 0 only.
 
@@ -150,6 +160,9 @@ class MlflowMetricsCallback(TrainCallback):
         self.rank = int(info.get("rank", 0))
         if self.rank == 0:
             with_retry(self._get().set_tag, self.run_id, "archipelago.start_step", str(info.get("start_step", 0)))
+            node_ip = ray_node_ip()
+            if node_ip:  # where the job really ran: shows that pinning (islands.per_island.k.resources) held
+                with_retry(self._get().set_tag, self.run_id, "archipelago.node_ip", node_ip)
 
     def on_step(self, step: int, metrics: dict[str, float]) -> None:
         if self.rank != 0:
