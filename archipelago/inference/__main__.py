@@ -25,7 +25,13 @@ import torch.distributed as dist
 
 from archipelago.errors import ArchipelagoError, ConfigError
 from archipelago.inference.config import Mode, ParallelConfig
-from archipelago.inference.runner import SamplingSpec, _device, init_process_group, run_parallel_sampling
+from archipelago.inference.runner import (
+    SamplingSpec,
+    _device,
+    check_patch_rows,
+    init_process_group,
+    run_parallel_sampling,
+)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -82,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     owns_group = False
     try:
         spec, pcfg = _spec_and_layout(args)
+        check_patch_rows(spec, pcfg)   # one line on every rank, before a rendezvous that could wait forever
         if pcfg.world_size > 1 and not dist.is_initialized():
             # joined here (not inside run_parallel_sampling) so the ranks' summaries can be gathered after
             init_process_group(int(os.environ["RANK"]), pcfg.world_size, None, _device(spec))
