@@ -185,20 +185,21 @@ def trajectory_alignment(log_: list[torch.Tensor]) -> dict[str, float]:
             "final_expert_counts": torch.bincount(final, minlength=int(r.max()) + 1).tolist()}
 
 
-def sample_model(model: torch.nn.Module, n: int, args: argparse.Namespace) -> tuple[torch.Tensor, dict]:
+def sample_model(model: torch.nn.Module, n: int, args: argparse.Namespace,
+                 cfg_scale: float) -> tuple[torch.Tensor, dict]:
     from archipelago.generate import generate
 
     if hasattr(model, "reset_counters"):
         model.reset_counters()
     t = time.perf_counter()
-    x = generate(model, n, cfg_scale=args.cfg, seed=args.seed, steps=args.sample_steps, sampler="euler")
+    x = generate(model, n, cfg_scale=cfg_scale, seed=args.seed, steps=args.sample_steps, sampler="euler")
     wall = time.perf_counter() - t
     cost = {"wall_s_per_image": wall / n}
     if hasattr(model, "expert_samples"):
         cost["expert_evals_per_image"] = sum(model.expert_samples) / n
         cost["expert_calls"] = model.expert_calls
     else:
-        cost["expert_evals_per_image"] = (2 if args.cfg != 1.0 else 1) * args.sample_steps
+        cost["expert_evals_per_image"] = (2 if cfg_scale != 1.0 else 1) * args.sample_steps
         cost["expert_calls"] = args.sample_steps
     return x, cost
 
@@ -211,7 +212,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-random", action="store_true", help="Skip the random-sharding ablation arm.")
     ap.add_argument("--n", type=int, default=400, help="Generated samples per model (classes balanced).")
     ap.add_argument("--sample-steps", type=int, default=20, help="Euler steps.")
-    ap.add_argument("--cfg", type=float, default=2.0, help="Guidance scale.")
+    ap.add_argument("--cfg", type=float, default=2.0, help="Guidance scale (part of every arm's config).")
+    ap.add_argument("--sample-cfg", type=float, nargs="+", default=None,
+                    help="Guidance scales to sample and score every arm at (default: --cfg). Sampling only: "
+                         "trained arms in --work are reused.")
     ap.add_argument("--seed", type=int, default=0, help="Sampling noise seed (same for every model).")
     ap.add_argument("--boots", type=int, default=20, help="Bootstrap resamples for the FD std.")
     ap.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "2")),
@@ -293,23 +297,24 @@ def main(argv: list[str] | None = None) -> int:
     labels = default_classes(args.n, 10)
     rows: list[dict[str, Any]] = []
     model, _ = load_expert(arms["monolith"]["experts"][0])
-    x, cost = sample_model(model, args.n, args)
-    rows.append({"arm": "monolith", "mode": "-", **score(x, labels, clf, ref_f, args.boots), **cost})
-    log(f"monolith: FD {rows[-1]['fd']:.2f}, class-consistency {rows[-1]['class_consistency']:.3f}")
-    for name, arm in arms.items():
-        if name == "monolith":
-            continue
-        ens = load_ensemble(arm["ensemble"], mode="full")
-        for mode in ("full", "top-2", "top-1"):
-            ens.mode = mode
-            ens.record_routing = mode == "top-1"
-            x, cost = sample_model(ens, args.n, args)
-            row = {"arm": name, "mode": mode, **score(x, labels, clf, ref_f, args.boots), **cost}
-            if mode == "top-1":
-                row["trajectory"] = trajectory_alignment(ens.routing_log)
-            rows.append(row)
-            log(f"{name} {mode}: FD {row['fd']:.2f} ± {row['fd_boot_std']:.2f}, class-consistency "
-                f"{row['class_consistency']:.3f}, {row['expert_evals_per_image']:.0f} expert evals/img")
+    for g in args.sample_cfg or [args.cfg]:
+        x, cost = sample_model(model, args.n, args, g)
+        rows.append({"arm": "monolith", "mode": "-", "cfg": g, **score(x, labels, clf, ref_f, args.boots), **cost})
+        log(f"monolith cfg {g}: FD {rows[-1]['fd']:.2f}, class-consistency {rows[-1]['class_consistency']:.3f}")
+        for name, arm in arms.items():
+            if name == "monolith":
+                continue
+            ens = load_ensemble(arm["ensemble"], mode="full")
+            for mode in ("full", "top-2", "top-1"):
+                ens.mode = mode
+                ens.record_routing = mode == "top-1"
+                x, cost = sample_model(ens, args.n, args, g)
+                row = {"arm": name, "mode": mode, "cfg": g, **score(x, labels, clf, ref_f, args.boots), **cost}
+                if mode == "top-1":
+                    row["trajectory"] = trajectory_alignment(ens.routing_log)
+                rows.append(row)
+                log(f"{name} {mode} cfg {g}: FD {row['fd']:.2f} ± {row['fd_boot_std']:.2f}, class-consistency "
+                    f"{row['class_consistency']:.3f}, {row['expert_evals_per_image']:.0f} expert evals/img")
 
     # ---- report -------------------------------------------------------------------------------------------
     from archipelago.eval.metrics import inception_weights
@@ -321,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
                   "expert_dims": e_args, "expert_forward_flops_per_sample": e_fwd,
                   "train_flops_per_arm": budget, "equal_flops": "monolith: same model, K x steps, same batch",
                   "ema": args.ema, "n_samples": args.n, "sample_steps": args.sample_steps, "sampler": "euler",
-                  "cfg_scale": args.cfg, "seed": args.seed, "reference": "all 1,797 digits (16x16)",
+                  "cfg_scale": args.cfg, "sample_cfg": args.sample_cfg or [args.cfg], "seed": args.seed, "reference": "all 1,797 digits (16x16)",
                   "fd_floor_real_same_n": floor, "classifier": {k_: clf_info[k_] for k_ in
                                                                 ("test_accuracy", "train_accuracy", "steps")}},
         "fid": None, "fid_note": fid_note,
@@ -338,14 +343,14 @@ def main(argv: list[str] | None = None) -> int:
 
     table = Table(title=f"DDM vs monolith at equal training FLOPs ({budget / 1e12:.2f} TFLOPs per arm); "
                         f"FD floor {floor:.2f}")
-    for col in ("arm", "mode", "FD ↓", "± boot", "class-cons ↑", "ms/img", "expert evals/img",
+    for col in ("arm", "mode", "cfg", "FD ↓", "± boot", "class-cons ↑", "ms/img", "expert evals/img",
                 "router align", "traj. agree"):
         table.add_column(col, justify="left" if col in ("arm", "mode") else "right")
     for r in rows:
         arm = arms[r["arm"]]
         align = f"{arm['router_metrics']['alignment']:.3f}" if "router_metrics" in arm else "-"
         traj = f"{r['trajectory']['agree_with_final']:.3f}" if "trajectory" in r else "-"
-        table.add_row(r["arm"], r["mode"], f"{r['fd']:.2f}", f"{r['fd_boot_std']:.2f}",
+        table.add_row(r["arm"], r["mode"], f"{r['cfg']:g}", f"{r['fd']:.2f}", f"{r['fd_boot_std']:.2f}",
                       f"{r['class_consistency']:.3f}", f"{1000 * r['wall_s_per_image']:.1f}",
                       f"{r['expert_evals_per_image']:.0f}", align, traj)
     Console(width=160).print(table)
