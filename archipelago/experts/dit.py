@@ -179,12 +179,10 @@ class FinalLayer(nn.Module):
         return self.linear(x)                                                     # [N, T, p*p*C]
 
 
-class DiT(nn.Module):
-    """Class-conditional DiT predicting the rectified-flow velocity v = eps - x0 (no learned sigma).
-
-    The forward pass is split in three public stages so pipelines can cut it between blocks:
-    `forward(x, t, y) = head(run_blocks(*embed(x, t, y)), c)`.
-    """
+class DiTBackbone(nn.Module):
+    """What the image DiT and the video DiT share: patch / time / label embedders, the fixed spatial sin-cos
+    table, the adaLN-Zero blocks, the final layer and their init. Subclasses define `embed`, `head` and
+    `forward` for their input layout; `run_blocks` (a pipeline stage) and `forward_with_cfg` are common."""
 
     def __init__(self, input_size: int, in_channels: int, patch_size: int, hidden_size: int, depth: int,
                  num_heads: int, mlp_ratio: float = 4.0, num_classes: int = 10, class_dropout: float = 0.1):
@@ -199,10 +197,11 @@ class DiT(nn.Module):
         self.in_channels = in_channels
         self.out_channels = in_channels
         self.patch_size = patch_size
+        self.hidden_size = hidden_size
         self.num_heads = num_heads
         self.num_classes = num_classes
         self.grid_size = input_size // patch_size
-        self.num_patches = self.grid_size ** 2
+        self.num_patches = self.grid_size ** 2   # tokens per image (per frame for video)
 
         self.x_embedder = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size)
         self.t_embedder = TimestepEmbedder(hidden_size)
@@ -218,6 +217,29 @@ class DiT(nn.Module):
         init_transformer_weights(self)
         self.pos_embed.copy_(get_2d_sincos_pos_embed(self.pos_embed.shape[-1], self.grid_size).unsqueeze(0))
 
+    def run_blocks(self, tokens: torch.Tensor, c: torch.Tensor, start: int = 0,
+                   end: int | None = None) -> torch.Tensor:
+        """Apply blocks[start:end] (a pipeline stage); tokens [N,T,D] -> [N,T,D]."""
+        for block in self.blocks[start:end]:
+            tokens = block(tokens, c)                                             # [N, T, D]
+        return tokens
+
+    def forward_with_cfg(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
+                         cfg_scale: float) -> torch.Tensor:
+        """Guided velocity v_u + s (v_c - v_u); conditional and null branches run as one batch of 2N."""
+        null = torch.full_like(y, self.num_classes)
+        v = self(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null]))     # [2N, ...]
+        v_cond, v_uncond = v.chunk(2)                                             # 2 x [N, ...]
+        return v_uncond + cfg_scale * (v_cond - v_uncond)                         # [N, ...]
+
+
+class DiT(DiTBackbone):
+    """Class-conditional DiT predicting the rectified-flow velocity v = eps - x0 (no learned sigma).
+
+    The forward pass is split in three public stages so pipelines can cut it between blocks:
+    `forward(x, t, y) = head(run_blocks(*embed(x, t, y)), c)`.
+    """
+
     def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
         """x [N, T, p*p*C] -> images [N, C, H, W]."""
         c, p, h = self.out_channels, self.patch_size, self.grid_size
@@ -231,13 +253,6 @@ class DiT(nn.Module):
         c = self.t_embedder(t) + self.y_embedder(y, self.training)                # [N, D]
         return tokens, c
 
-    def run_blocks(self, tokens: torch.Tensor, c: torch.Tensor, start: int = 0,
-                   end: int | None = None) -> torch.Tensor:
-        """Apply blocks[start:end] (a pipeline stage); tokens [N,T,D] -> [N,T,D]."""
-        for block in self.blocks[start:end]:
-            tokens = block(tokens, c)                                             # [N, T, D]
-        return tokens
-
     def head(self, tokens: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         """Final layer + unpatchify; tokens [N,T,D] -> v [N,C,H,W]."""
         return self.unpatchify(self.final_layer(tokens, c))                       # [N, C, H, W]
@@ -247,19 +262,6 @@ class DiT(nn.Module):
         tokens, c = self.embed(x, t, y)                                           # [N, T, D], [N, D]
         tokens = self.run_blocks(tokens, c)                                       # [N, T, D]
         return self.head(tokens, c)                                               # [N, C, H, W]
-
-    def forward_with_cfg(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
-                         cfg_scale: float) -> torch.Tensor:
-        """Guided velocity v_u + s (v_c - v_u); conditional and null branches run as one batch of 2N."""
-        return _forward_with_cfg(self, x, t, y, cfg_scale)
-
-
-def _forward_with_cfg(model: nn.Module, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
-                      cfg_scale: float) -> torch.Tensor:
-    null = torch.full_like(y, model.num_classes)
-    v = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null]))     # [2N, ...]
-    v_cond, v_uncond = v.chunk(2)                                             # 2 x [N, ...]
-    return v_uncond + cfg_scale * (v_cond - v_uncond)                         # [N, ...]
 
 
 def _check_dims(input_size: int, patch_size: int, hidden_size: int, num_heads: int) -> None:

@@ -1,28 +1,20 @@
 """A spatio-temporal DiT for video clips x [N,C,F,H,W]: the image DiT's blocks over all frames' tokens.
 
-Same blocks, same Attention, same adaLN-Zero init as `dit.DiT`, so every training strategy and inference
-wrapper that works on the image expert works here; only embedding (per-frame patches + spatial and
+The same `dit.DiTBackbone` (blocks, Attention, adaLN-Zero init) as `dit.DiT`, so every training strategy
+and inference wrapper that works on the image expert works here; only embedding (per-frame patches + spatial and
 temporal sin-cos positions) and the head differ. `frame_offset` shifts the temporal positions so that a
 frame block of a long video (DualParal) sees the positions it has inside the whole clip.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
-from torch import nn
 
 from archipelago.errors import ConfigError
 from archipelago.experts.dit import (
-    DiTBlock,
-    FinalLayer,
-    LabelEmbedder,
-    TimestepEmbedder,
-    _check_dims,
-    _forward_with_cfg,
+    DiTBackbone,
     get_1d_sincos_pos_embed,
-    get_2d_sincos_pos_embed,
-    init_transformer_weights,
     resolve_dims,
 )
 
@@ -30,46 +22,14 @@ if TYPE_CHECKING:
     from archipelago.config import ExpertConfig
 
 
-class VideoDiT(nn.Module):
+class VideoDiT(DiTBackbone):
     """Class-conditional video DiT with full attention over all F*T tokens (frame-major order).
 
     `forward(x, t, y, frame_offset=0) = head(run_blocks(*embed(x, t, y, frame_offset)), c)`; the number of
     frames is read from the input, so a model trained on F-frame clips also runs on shorter frame blocks.
+    The spatial table is the backbone's; the temporal table depends on frame_offset and the clip length,
+    so it is computed per call (cheap: [F, D]).
     """
-
-    def __init__(self, input_size: int, in_channels: int, patch_size: int, hidden_size: int, depth: int,
-                 num_heads: int, mlp_ratio: float = 4.0, num_classes: int = 10, class_dropout: float = 0.1):
-        super().__init__()
-        _check_dims(input_size, patch_size, hidden_size, num_heads)
-        # Constructor kwargs, JSON-serialisable: stored in checkpoint metadata to rebuild the model.
-        self.config_dict: dict[str, Any] = {
-            "input_size": input_size, "in_channels": in_channels, "patch_size": patch_size,
-            "hidden_size": hidden_size, "depth": depth, "num_heads": num_heads, "mlp_ratio": float(mlp_ratio),
-            "num_classes": num_classes, "class_dropout": float(class_dropout)}
-        self.input_size = input_size
-        self.in_channels = in_channels
-        self.out_channels = in_channels
-        self.patch_size = patch_size
-        self.hidden_size = hidden_size
-        self.num_heads = num_heads
-        self.num_classes = num_classes
-        self.grid_size = input_size // patch_size
-        self.num_patches = self.grid_size ** 2   # tokens per frame
-
-        self.x_embedder = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size)
-        self.t_embedder = TimestepEmbedder(hidden_size)
-        self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout)
-        # Spatial table is fixed (persistent so meta-built models restore it from a checkpoint); the temporal
-        # table depends on frame_offset and the clip length, so it is computed per call (cheap: [F, D]).
-        self.register_buffer("pos_embed", torch.zeros(1, self.num_patches, hidden_size))
-        self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth)])
-        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
-        self.initialize_weights()
-
-    def initialize_weights(self) -> None:
-        """Every custom init in one place (also the `init_weights` step after `to_empty` on meta models)."""
-        init_transformer_weights(self)
-        self.pos_embed.copy_(get_2d_sincos_pos_embed(self.pos_embed.shape[-1], self.grid_size).unsqueeze(0))
 
     def temporal_embed(self, num_frames: int, frame_offset: int = 0) -> torch.Tensor:
         """Sin-cos embedding of frame positions frame_offset .. frame_offset+F-1 -> [F, D]."""
@@ -96,13 +56,6 @@ class VideoDiT(nn.Module):
         c = self.t_embedder(t) + self.y_embedder(y, self.training)                # [N, D]
         return tokens, c
 
-    def run_blocks(self, tokens: torch.Tensor, c: torch.Tensor, start: int = 0,
-                   end: int | None = None) -> torch.Tensor:
-        """Apply blocks[start:end] (a pipeline stage); tokens [N,F*T,D] -> [N,F*T,D]."""
-        for block in self.blocks[start:end]:
-            tokens = block(tokens, c)                                             # [N, F*T, D]
-        return tokens
-
     def head(self, tokens: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         """Final layer + unpatchify; tokens [N,F*T,D] -> v [N,C,F,H,W] (F = tokens / tokens-per-frame)."""
         num_frames = tokens.shape[1] // self.num_patches
@@ -113,11 +66,6 @@ class VideoDiT(nn.Module):
         tokens, c = self.embed(x, t, y, frame_offset)                             # [N, F*T, D], [N, D]
         tokens = self.run_blocks(tokens, c)                                       # [N, F*T, D]
         return self.head(tokens, c)                                               # [N, C, F, H, W]
-
-    def forward_with_cfg(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
-                         cfg_scale: float) -> torch.Tensor:
-        """Guided velocity v_u + s (v_c - v_u); conditional and null branches run as one batch of 2N."""
-        return _forward_with_cfg(self, x, t, y, cfg_scale)
 
 
 def build_video_dit(expert_cfg: ExpertConfig, input_size: int, in_channels: int, num_classes: int) -> VideoDiT:
