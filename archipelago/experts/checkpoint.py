@@ -235,15 +235,21 @@ def save_for_inference(model: nn.Module, url: str) -> str:
     return url
 
 
+def read_meta_json(url: str, missing: str) -> Any:
+    """The parsed JSON at `url` (a meta.json); CheckpointError "<url>: missing (<missing>)" when absent, and
+    an unreadable or malformed file as one CheckpointError line too. The caller checks the content."""
+    try:
+        if not storage.exists(url):
+            raise CheckpointError(f"{url}: missing ({missing})")
+        return storage.read_json(url)
+    except StorageError as exc:
+        raise CheckpointError(str(exc)) from None
+
+
 def read_meta(ckpt_url: str) -> dict[str, Any]:
     """meta.json of a checkpoint, format-checked; CheckpointError (one line) if missing or foreign."""
     url = storage.join(ckpt_url, META)
-    try:
-        if not storage.exists(url):
-            raise CheckpointError(f"{url}: missing (the checkpoint is incomplete or this is not a checkpoint)")
-        meta = storage.read_json(url)
-    except StorageError as exc:
-        raise CheckpointError(str(exc)) from None
+    meta = read_meta_json(url, "the checkpoint is incomplete or this is not a checkpoint")
     if not isinstance(meta, dict) or "files" not in meta or "model" not in meta:
         raise CheckpointError(f"{url}: not an Archipelago expert checkpoint")
     if meta.get("format_version") != FORMAT_VERSION:
@@ -279,6 +285,18 @@ def verify_checkpoint(ckpt_url: str) -> dict[str, Any]:
     for name in meta["files"]:
         read_file(ckpt_url, name, meta)
     return meta
+
+
+def verified_or_none(ckpt_url: str, then: str) -> dict[str, Any] | None:
+    """meta of a checkpoint that is complete and verifies; None when there is none yet, or (logged with what
+    happens `then`, e.g. "training again") when it is there but does not verify. For "is it done?" checks."""
+    if not storage.exists(storage.join(ckpt_url, META)):
+        return None
+    try:
+        return verify_checkpoint(ckpt_url)
+    except CheckpointError as exc:
+        log.warning("%s: checkpoint does not verify (%s); %s", ckpt_url, exc, then)
+        return None
 
 
 def download_optimizer(ckpt_url: str, meta: dict[str, Any], local_dir: Path) -> None:

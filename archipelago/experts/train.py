@@ -336,14 +336,8 @@ def _build_model(ecfg: ExpertConfig, image_shape: list[int], num_classes: int) -
 def _finished(manager: ckpt.CheckpointManager, cfg: ArchipelagoConfig) -> dict[str, Any] | None:
     """The result of an earlier run of this exact config, if its final checkpoint is complete and valid."""
     url = manager.final_url
-    if not storage.exists(storage.join(url, ckpt.META)):
-        return None
-    try:
-        meta = ckpt.verify_checkpoint(url)
-    except CheckpointError as exc:
-        log.warning("%s: final checkpoint is not valid (%s); training again", url, exc)
-        return None
-    if meta.get("config_hash") != cfg.config_hash():
+    meta = ckpt.verified_or_none(url, "training again")
+    if meta is None or meta.get("config_hash") != cfg.config_hash():
         return None
     m = meta.get("metrics", {})
     return {"final_checkpoint": url, "steps": meta["step"], "start_step": meta["step"],

@@ -85,12 +85,8 @@ def completed_expert(plan: IslandPlan, cfg: ArchipelagoConfig, data_manifest_sha
     from archipelago.experts import checkpoint as ckpt
 
     final = storage.join(plan.out_url, "final")
-    if not storage.exists(storage.join(final, ckpt.META)):
-        return None
-    try:
-        meta = ckpt.verify_checkpoint(final)
-    except CheckpointError as exc:
-        log.warning("%s: final checkpoint does not verify (%s); the island trains again", final, exc)
+    meta = ckpt.verified_or_none(final, "the island trains again")
+    if meta is None:
         return None
     if data_manifest_sha256 is None:
         from archipelago.data.shards import manifest_sha256

@@ -28,6 +28,7 @@ from archipelago import storage
 from archipelago.config import ArchipelagoConfig
 from archipelago.errors import CheckpointError, StorageError
 from archipelago.experts.callbacks import TrainCallback
+from archipelago.experts.checkpoint import read_meta_json
 from archipelago.experts.flow import interpolate
 from archipelago.router.metrics import evaluate_router
 from archipelago.router.model import Router, build_router
@@ -187,12 +188,7 @@ def save_router(router: Router, out_url: str, meta: dict[str, Any]) -> str:
 def read_router_meta(url: str) -> dict[str, Any]:
     """meta.json of a router checkpoint; CheckpointError (one line) if missing, foreign or another version."""
     meta_url = storage.join(url, META)
-    try:
-        if not storage.exists(meta_url):
-            raise CheckpointError(f"{meta_url}: missing (the router was not trained, or its job did not finish)")
-        meta = storage.read_json(meta_url)
-    except StorageError as exc:
-        raise CheckpointError(str(exc)) from None
+    meta = read_meta_json(meta_url, "the router was not trained, or its job did not finish")
     if not isinstance(meta, dict) or meta.get("kind") != "router" or "model" not in meta:
         raise CheckpointError(f"{meta_url}: not an Archipelago router checkpoint")
     if meta.get("format_version") != FORMAT_VERSION:
