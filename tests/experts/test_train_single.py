@@ -138,6 +138,14 @@ def test_latest_ignores_missing_meta_and_bad_hashes(trained, tmp_path):
     assert mgr.latest() == storage.join(str(run), "checkpoints", "step-00000010")
 
 
+def rehash(ckpt: Path, name: str) -> None:
+    """Record the current sha256 of `name` in the checkpoint's meta.json, as a forger would."""
+    meta_path = ckpt / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    meta["files"][name] = storage.sha256_bytes((ckpt / name).read_bytes())
+    meta_path.write_text(json.dumps(meta))
+
+
 def test_truncated_safetensors_raises_one_line(trained, tmp_path):
     run = copy_run(trained[0], tmp_path)
     ema = run / "final" / "ema.safetensors"
@@ -146,10 +154,7 @@ def test_truncated_safetensors_raises_one_line(trained, tmp_path):
         load_expert(str(run / "final"))
     assert "\n" not in str(e.value)
     # Even with a matching hash (e.g. meta rewritten), the parser refuses the truncated file.
-    meta_path = run / "final" / "meta.json"
-    meta = json.loads(meta_path.read_text())
-    meta["files"]["ema.safetensors"] = storage.sha256_bytes(ema.read_bytes())
-    meta_path.write_text(json.dumps(meta))
+    rehash(run / "final", "ema.safetensors")
     with pytest.raises(CheckpointError, match=r"ema\.safetensors: not a valid safetensors file"):
         load_expert(str(run / "final"))
 
@@ -165,10 +170,7 @@ def test_pickle_in_place_of_weights_is_refused_without_running_it(trained, tmp_p
     _Payload.marker = str(marker)
     ema = run / "final" / "ema.safetensors"
     torch.save({"w": _Payload()}, ema)
-    meta_path = run / "final" / "meta.json"
-    meta = json.loads(meta_path.read_text())
-    meta["files"]["ema.safetensors"] = storage.sha256_bytes(ema.read_bytes())
-    meta_path.write_text(json.dumps(meta))
+    rehash(run / "final", "ema.safetensors")
     with pytest.raises(CheckpointError, match=r"ema\.safetensors: not a valid safetensors file"):
         load_expert(str(run / "final"))
     assert not marker.exists()
