@@ -29,3 +29,37 @@ class EnsembleError(ArchipelagoError):
 
 class NotYetImplemented(ArchipelagoError):
     """A command the design names but this version does not ship yet."""
+
+
+def failure_line(exc: BaseException) -> str:
+    """One line saying why something failed (an island, a Ray connection): our own error message when there
+    is one anywhere in the chain, else the root cause; credentials redacted."""
+    from archipelago.storage import redact  # storage imports this module
+    seen: set[int] = set()
+    stack: list[BaseException] = [exc]
+    candidates: list[BaseException] = []
+    while stack:
+        e = stack.pop()
+        if id(e) in seen:
+            continue
+        seen.add(id(e))
+        candidates.append(e)
+        for attr in ("worker_failures",):
+            failures = getattr(e, attr, None)
+            if isinstance(failures, dict):
+                stack.extend(v for v in failures.values() if isinstance(v, BaseException))
+        for attr in ("cause", "controller_failure", "__cause__", "__context__"):
+            inner = getattr(e, attr, None)
+            if isinstance(inner, BaseException):
+                stack.append(inner)
+    for e in candidates:
+        if isinstance(e, ArchipelagoError):
+            return redact(" ".join(str(e).split()))
+    for e in reversed(candidates):
+        text = str(e).strip()
+        # Ray wraps a worker's exception with its traceback: the last "SomeError: message" line is the cause.
+        lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+        for ln in reversed(lines):
+            if ":" in ln.split(" ", 1)[0] and not ln.startswith(("File ", "Traceback")):
+                return redact(ln[:300])
+    return redact(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300])

@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -18,6 +19,7 @@ import urllib.error
 import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from archipelago.cluster.spec import is_job_address, redact_address
 from archipelago.errors import ArchipelagoError
@@ -230,6 +232,36 @@ def _stop_group(pid: int, timeout: float) -> None:
         os.killpg(pid, signal.SIGKILL)  # the group is ours: start_new_session made pid its leader
     except (ProcessLookupError, PermissionError):
         pass
+
+
+def connect_ray(address: str | None = None, hint: str = "check RAY_ADDRESS", timeout_s: float = 5.0,
+                **init_kwargs: Any) -> bool:
+    """ray.init unless Ray is connected already: `address`, else $RAY_ADDRESS, else a new local instance.
+    True when this call connected (the caller may shut it down).
+
+    A host:port where nothing answers is one ClusterError line within `timeout_s`, instead of Ray's own
+    minutes of retries; any other ray.init failure is one line too. `hint` names the setting to fix.
+    """
+    import ray
+
+    from archipelago.errors import failure_line
+
+    if ray.is_initialized():
+        return False
+    target = address or os.environ.get("RAY_ADDRESS") or None
+    where = redact_address(target) or "a new local instance"
+    advice = f"{hint}, or start a local head with `archipelago cluster up`"
+    if target and target not in ("auto", "local") and "://" not in target:
+        host, _, port = target.rpartition(":")
+        try:
+            socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout_s).close()
+        except (OSError, ValueError) as exc:
+            raise ClusterError(f"cannot reach Ray at {where}: no Ray head answers there ({exc}); {advice}") from None
+    try:
+        ray.init(address=target, **init_kwargs)
+    except Exception as exc:  # noqa: BLE001 - ConnectionError, RuntimeError, ValueError from ray.init
+        raise ClusterError(f"cannot start or reach Ray ({where}): {failure_line(exc)}; {advice}") from None
+    return True
 
 
 def _last_line(text: str) -> str:

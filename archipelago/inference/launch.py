@@ -84,9 +84,11 @@ def _via_ray(spec: SamplingSpec, pcfg: ParallelConfig, ray_address: str | None, 
              rank_resources: list[str] | None) -> tuple[torch.Tensor, list[dict[str, Any]]]:
     import ray
 
-    from archipelago.inference.ray_launcher import connect, launch_ray
+    from archipelago.cluster.local import connect_ray
+    from archipelago.inference.ray_launcher import launch_ray
 
-    started = connect(ray_address)
+    started = connect_ray(ray_address, hint="fix --ray-address / RAY_ADDRESS", include_dashboard=False,
+                          log_to_driver=False)
     try:
         # GLOO_SOCKET_IFNAME passes through: on multi-homed nodes (namespaces, pods) it names the NIC to use
         env = {k: os.environ[k] for k in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME") if k in os.environ}

@@ -47,34 +47,6 @@ class InferenceWorker:
         return result
 
 
-def connect(address: str | None = None, timeout_s: float = 5.0) -> bool:
-    """ray.init for the launchers: `address` (host:port of a GCS), else $RAY_ADDRESS, else a new local Ray.
-    True when this call started the connection (the caller shuts it down).
-
-    A host:port that does not answer is one ArchipelagoError line after `timeout_s`, instead of Ray's own
-    minutes of retries.
-    """
-    import ray
-
-    from archipelago.errors import ArchipelagoError
-
-    if ray.is_initialized():
-        return False
-    address = address or os.environ.get("RAY_ADDRESS") or None
-    if address and address not in ("auto", "local") and "://" not in address:
-        host, _, port = address.rpartition(":")
-        try:
-            socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout_s).close()
-        except (OSError, ValueError) as exc:
-            raise ArchipelagoError(f"Ray address {address}: no Ray head answers there ({exc}); start one "
-                                   f"(`archipelago cluster up`) or fix --ray-address / RAY_ADDRESS") from None
-    try:
-        ray.init(address=address, include_dashboard=False, log_to_driver=False)
-    except ConnectionError as exc:
-        raise ArchipelagoError(f"Ray address {address}: {exc}") from None
-    return True
-
-
 def placement_strategy(num_nodes: int, num_actors: int) -> str:
     """STRICT_SPREAD (one rank per node) when there are enough nodes, SPREAD when several but fewer,
     PACK on one node (co-located ranks talk through shared memory)."""

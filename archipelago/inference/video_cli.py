@@ -344,9 +344,9 @@ def generate_video(spec: VideoSpec, world_size: int = 1, launcher: str = "torchr
     if launcher == "local":
         return [r.summary() for r in launch_local(spec, world_size, timeout_s=timeout_s)]
     if launcher == "ray":
-        from archipelago.inference.ray_launcher import connect
+        from archipelago.cluster.local import connect_ray
 
-        connect(ray_address)
+        connect_ray(ray_address, hint="fix RAY_ADDRESS", include_dashboard=False, log_to_driver=False)
         return [r.summary() for r in launch_ray_video(spec, world_size, timeout_s=timeout_s)]
     if "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) == world_size:
         return [run_video_rank(spec).summary()]

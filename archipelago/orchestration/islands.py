@@ -34,7 +34,7 @@ from typing import Any, Literal
 from archipelago import storage
 from archipelago.cluster.spec import TRAINING_FIELDS_EXCLUDED, IslandPlan, redact_address
 from archipelago.config import ArchipelagoConfig, dump_config
-from archipelago.errors import ArchipelagoError, CheckpointError, ConfigError, StorageError
+from archipelago.errors import ArchipelagoError, CheckpointError, ConfigError, StorageError, failure_line
 from archipelago.experts.callbacks import TrainCallback
 
 log = logging.getLogger(__name__)
@@ -243,38 +243,6 @@ def run_island(plan: IslandPlan, cfg: ArchipelagoConfig, root: str, max_failures
         log.error("%s (shard %d) failed: %s", plan.name, plan.shard, line)
         return IslandResult(shard=plan.shard, name=plan.name, status="failed", mode=plan.mode,
                             wall_s=time.perf_counter() - t0, error=line)
-
-
-def failure_line(exc: BaseException) -> str:
-    """One line saying why an island failed: our own error message when there is one, else the root cause."""
-    seen: set[int] = set()
-    stack: list[BaseException] = [exc]
-    candidates: list[BaseException] = []
-    while stack:
-        e = stack.pop()
-        if id(e) in seen:
-            continue
-        seen.add(id(e))
-        candidates.append(e)
-        for attr in ("worker_failures",):
-            failures = getattr(e, attr, None)
-            if isinstance(failures, dict):
-                stack.extend(v for v in failures.values() if isinstance(v, BaseException))
-        for attr in ("cause", "controller_failure", "__cause__", "__context__"):
-            inner = getattr(e, attr, None)
-            if isinstance(inner, BaseException):
-                stack.append(inner)
-    for e in candidates:
-        if isinstance(e, ArchipelagoError):
-            return storage.redact(" ".join(str(e).split()))
-    for e in reversed(candidates):
-        text = str(e).strip()
-        # Ray wraps a worker's exception with its traceback: the last "SomeError: message" line is the cause.
-        lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-        for ln in reversed(lines):
-            if ":" in ln.split(" ", 1)[0] and not ln.startswith(("File ", "Traceback")):
-                return storage.redact(ln[:300])
-    return storage.redact(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300])
 
 
 def job_entrypoint(plan: IslandPlan, config_file: str) -> str:

@@ -25,9 +25,9 @@ from typing import Any
 from archipelago import storage
 from archipelago.cluster.spec import ClusterSpec, IslandPlan
 from archipelago.config import ArchipelagoConfig
-from archipelago.errors import ArchipelagoError, ConfigError
+from archipelago.errors import ArchipelagoError, ConfigError, failure_line
 from archipelago.experts.callbacks import TrainCallback
-from archipelago.orchestration.islands import IslandResult, failure_line, run_islands
+from archipelago.orchestration.islands import IslandResult, run_islands
 from archipelago.orchestration.tracking import Tracker, read_metrics_jsonl
 
 log = logging.getLogger(__name__)
@@ -125,20 +125,12 @@ def resolve_root(cfg: ArchipelagoConfig) -> ArchipelagoConfig:
 def connect_ray(spec: ClusterSpec) -> bool:
     """ray.init for the driver (unless already initialised); returns True when the cluster is local without
     an autoscaler (islands that cannot fit then fail at once instead of waiting forever)."""
-    import ray
-
-    from archipelago.cluster.local import ClusterError
-    from archipelago.cluster.spec import redact_address
+    from archipelago.cluster.local import connect_ray as connect
 
     local = spec.address is None and os.environ.get("RAY_ADDRESS", "") in ("", "local")
-    if not ray.is_initialized():
-        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-        try:
-            ray.init(address=spec.address, logging_level=logging.WARNING, configure_logging=True)
-        except Exception as exc:  # noqa: BLE001 - ConnectionError, RuntimeError, ValueError from ray.init
-            where = redact_address(spec.address or os.environ.get("RAY_ADDRESS")) or "a new local instance"
-            raise ClusterError(f"cannot start or reach Ray ({where}): {failure_line(exc)}; check islands.address "
-                               f"/ RAY_ADDRESS, or start a local head with `archipelago cluster up`") from None
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    connect(spec.address, hint="check islands.address / RAY_ADDRESS", logging_level=logging.WARNING,
+            configure_logging=True)
     return local
 
 
