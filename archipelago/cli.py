@@ -151,7 +151,8 @@ def train_router_cmd(
     data: str | None = typer.Option(None, "--data", help="Data URL (default: <storage.root>/data)."),
     out: str | None = typer.Option(None, "--out", help="Router URL (default: <storage.root>/router)."),
     unconditional: bool = typer.Option(False, "--unconditional",
-                                       help="Route on (x_t, t) only; by default the class conditions it too."),
+                                       help="Route on (x_t, t) only (same as --set router.class_conditional="
+                                            "false); by default the config decides (true: the class too)."),
     no_resume: bool = typer.Option(False, "--no-resume", help="Train again even if an identical router exists."),
     overrides: list[str] | None = SetOpt,
 ) -> None:
@@ -168,7 +169,7 @@ def train_router_cmd(
     data_url = data or storage.join(cfg.storage.root, "data")
     out_url = out or storage.join(cfg.storage.root, "router")
     result = train_router(cfg, data_url, out_url, callbacks=[RichProgressCallback("router")],
-                          class_conditional=not unconditional, resume=not no_resume)
+                          class_conditional=False if unconditional else None, resume=not no_resume)
     m = result["metrics"]
     bins = "  ".join(f"t{b['t_lo']:.1f}-{b['t_hi']:.1f}: {b['accuracy']:.2f}" for b in m["t_bins"])
     typer.echo(f"router (K={result['num_experts']}): accuracy {m['accuracy']:.3f} (chance {m['chance']:.3f}), "
@@ -180,7 +181,7 @@ def train_router_cmd(
 def generate_cmd(
     ensemble: str | None = typer.Option(None, "--ensemble", help="ensemble.json URL (or its directory)."),
     expert: str | None = typer.Option(None, "--expert", help="One expert checkpoint directory instead."),
-    mode: str = typer.Option("top-1", "--mode", help="Ensemble routing: full | top-1 | top-2 | ... | top-K."),
+    mode: str = typer.Option("top-1", "--mode", help="Ensemble routing: full | top-1 | top-2 | ... | top-K | sample-once (one expert per sample drawn from p(k | class), run to the end)."),
     n: int = typer.Option(64, "--n", min=1, help="Number of samples."),
     cfg_scale: float = typer.Option(2.0, "--cfg", min=0.0, help="Classifier-free guidance scale (1 = off)."),
     seed: int = typer.Option(0, "--seed", help="Noise seed."),

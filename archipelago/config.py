@@ -32,12 +32,18 @@ class DataConfig(_Section):
     num_clusters: int = Field(4, ge=1, le=256, description="K: number of shards = number of experts.")
     partitioner: Literal["kmeans", "random"] = Field(
         "kmeans", description="kmeans over embeddings (the DDM method) or random (ablation).")
-    embedder: Literal["pixel_pca", "dinov2"] = Field(
-        "pixel_pca", description="Feature space for clustering; dinov2 only when weights are local.")
+    embedder: Literal["pixel_pca", "classifier", "dinov2"] = Field(
+        "pixel_pca", description="Feature space for clustering: pixel_pca (offline, no labels), classifier "
+        "(penultimate features of a small CNN fitted to the labels of the training split: our semantic "
+        "stand-in for DINOv2 on labelled data), dinov2 (only when its weights are local).")
     embed_dim: int = Field(32, ge=2, le=1024, description="Embedding dimension of the pixel_pca embedder.")
     max_imbalance: float = Field(
         2.0, ge=1.0, description="Upper bound on largest/smallest shard size; sizes are rebalanced to it.")
     seed: int = Field(0, description="Seed for embedding, k-means and random sharding.")
+    holdout_fraction: float = Field(
+        0.1, ge=0.0, lt=0.9, description="Fraction of the source (seeded by data.seed) written to holdout."
+        "safetensors and never to a shard: no expert, router or monolith trains on it; eval scores against "
+        "it. 0 disables it (eval then falls back to the training shards).")
     video_frames: int = Field(16, ge=2, description="Frames per clip (moving_digits).")
     video_size: int = Field(32, ge=16, description="Canvas side of the moving digits (moving_digits).")
     num_videos: int = Field(512, ge=1, description="Number of clips to generate (moving_digits).")
@@ -86,6 +92,9 @@ class ExpertConfig(_Section):
 
 
 class RouterConfig(_Section):
+    class_conditional: bool = Field(
+        True, description="r(x_t, t, y) as in the DDM paper (true) or r(x_t, t) (false: the ablation that "
+        "lets top-1 reach every shard holding a class, when clusters split classes).")
     hidden_size: int = Field(64, ge=8, description="Channel width of the router CNN.")
     depth: int = Field(3, ge=1, description="Residual blocks of the router.")
     steps: int = Field(300, ge=1, description="Optimizer steps.")
@@ -105,7 +114,15 @@ class IslandSpec(_Section):
     resources: dict[str, float] = Field(default_factory=dict, description="Extra Ray resources, e.g. node_1: 1.")
 
 
+FlopMatch = Literal["batch", "steps", "none"]
+
+
 class IslandsConfig(_Section):
+    flop_match: FlopMatch = Field(
+        "batch", description="How the budget in expert.steps x expert.batch_size (what one monolithic model "
+        "would train with) is split over the K islands. batch: every island runs expert.steps steps at "
+        "batch_size / K (the DDM paper's protocol); steps: every island runs steps / K steps at batch_size; "
+        "none: every island gets the whole budget (K x the monolith's FLOPs).")
     num_workers: int = Field(1, ge=1, description="Default workers per island.")
     cpus_per_worker: float = Field(1.0, gt=0, description="Default CPUs per worker.")
     gpus_per_worker: float = Field(0.0, ge=0, description="Default GPUs per worker.")
@@ -122,7 +139,8 @@ class InferenceConfig(_Section):
     )
     world_size: int = Field(1, ge=1, description="Ranks for the parallel mode.")
     warmup_steps: int = Field(2, ge=0, description="Synchronous steps before DistriFusion goes stale.")
-    routing: str = Field("top-1", pattern=r"^(full|top-\d+)$", description="Ensemble routing: full | top-k.")
+    routing: str = Field("top-1", pattern=r"^(full|top-\d+|sample-once)$",
+                         description="Ensemble routing: full | top-k | sample-once (k ~ p(k|y) once per sample).")
     num_samples: int = Field(64, ge=1, description="Samples per grid.")
     seed: int = Field(0, description="Noise seed.")
 
@@ -152,6 +170,37 @@ class ArchipelagoConfig(_Section):
         """sha256 of the canonical JSON of the resolved config (stable across key order)."""
         blob = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def island_expert_config(cfg: ArchipelagoConfig, num_clusters: int) -> ExpertConfig:
+    """The expert config one of `num_clusters` islands trains with, under `islands.flop_match`.
+
+    expert.steps x expert.batch_size is the budget of one monolithic model; the DDM arms are FLOP-matched
+    to it by splitting it over the K islands (K = 1 is the monolith and changes nothing):
+      batch  same steps, batch_size / K per island (the DDM paper: its 16-expert arm underperforms because
+             each expert's batch gets too small, which only happens this way);
+      steps  same batch, steps / K per island; warm-up is cut and the EMA decay raised to the power K so
+             its half-life stays the same fraction of the (K x shorter) run: otherwise a short run is
+             sampled from weights still dominated by their zero-output initialisation;
+      none   every island trains the whole budget (K x the monolith's FLOPs).
+    A budget that does not split exactly is a ConfigError: FLOP matching is either exact or not claimed.
+    """
+    e, k, mode = cfg.expert, num_clusters, cfg.islands.flop_match
+    if k <= 1 or mode == "none":
+        return e
+    if mode == "batch":
+        if e.batch_size % k:
+            raise ConfigError(f"field 'expert.batch_size': {e.batch_size} does not split over K={k} islands "
+                              f"(islands.flop_match=batch gives each batch_size / K); use a multiple of {k}, or "
+                              f"islands.flop_match=steps | none")
+        return e.model_copy(update={"batch_size": e.batch_size // k})
+    if e.steps % k:
+        raise ConfigError(f"field 'expert.steps': {e.steps} does not split over K={k} islands "
+                          f"(islands.flop_match=steps gives each steps / K); use a multiple of {k}, or "
+                          f"islands.flop_match=batch | none")
+    return e.model_copy(update={"steps": e.steps // k, "warmup_steps": e.warmup_steps // k,
+                                "ema_decay": round(e.ema_decay ** k, 6),
+                                "checkpoint_every": max(1, min(e.checkpoint_every, e.steps // k))})
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -5,7 +5,13 @@ and parallel mode that drives one DiT drives an ensemble unchanged. Velocity mod
     full    v = sum_k r_k(x_t, t) v_k(x_t, t)                  (every expert on every sample)
     top-k   v = sum_{k in topk} r_k v_k / sum_{k in topk} r_k   (only the selected experts run)
     top-1   v = v_argmax                                       (one expert per sample and step)
-Routing is decided per sample and per call from r(x_t, t[, y]). Sparse modes gather the samples routed to
+    sample-once  k ~ p(k | y) drawn once per sample, v = v_k for the whole trajectory
+Routing is decided per sample and per call from r(x_t, t[, y]), except in sample-once, which never asks
+the router: with class-conditional experts the data distribution is the mixture sum_k p(k|y) p_k(x|y), and
+p(k|y) is known exactly from the shards' class counts, so drawing one expert per sample and running it to
+the end samples that mixture exactly at the cost of one expert (the DDM paper's "sample-1", an expert
+re-drawn at every step, is a different and much worse thing). Draws come from `sample_seed` and the label
+vector only, so every call of one sampling run (and every rank) makes the same choice per sample. Sparse modes gather the samples routed to
 each expert and run it once on them, so a top-k step costs at most K expert calls on N*k samples in all.
 
 CFG: `sampling.guided_velocity` evaluates one batch [x; x] with labels [y; null]. The ensemble recognises
@@ -26,6 +32,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import nn
 
@@ -38,14 +45,33 @@ ENSEMBLE_FILE = "ensemble.json"
 SAMPLER_FIELDS = ("sampler", "sample_steps", "cfg_scale")
 
 
+SAMPLE_ONCE = "sample-once"
+
+
 def parse_mode(mode: str) -> int | None:
-    """'full' -> None, 'top-k' -> k (k >= 1); anything else raises EnsembleError."""
+    """'full' -> None, 'top-k' -> k (k >= 1), 'sample-once' -> 1; anything else raises EnsembleError."""
     if mode == "full":
         return None
+    if mode == SAMPLE_ONCE:
+        return 1
     m = re.fullmatch(r"top-(\d+)", mode)
     if m is None or int(m.group(1)) < 1:
-        raise EnsembleError(f"unknown routing mode {mode!r}; allowed: full | top-1 | top-2 | ... | top-K")
+        raise EnsembleError(f"unknown routing mode {mode!r}; allowed: full | top-1 | top-2 | ... | top-K | "
+                            f"{SAMPLE_ONCE}")
     return int(m.group(1))
+
+
+def class_prior(class_counts: Sequence[Sequence[int]], num_classes: int) -> torch.Tensor:
+    """p(k | y) as a [num_classes + 1, K] float64 table from per-shard class counts [K][C]; the last row
+    (the null label) is the marginal p(k). A class no shard holds falls back to the marginal."""
+    counts = torch.tensor(class_counts, dtype=torch.float64).T                   # [C, K]
+    if counts.shape[0] != num_classes:
+        raise EnsembleError(f"the data's class counts cover {counts.shape[0]} classes, the experts "
+                            f"{num_classes}")
+    marginal = counts.sum(0) / counts.sum()                                      # [K]
+    rows = counts.sum(1, keepdim=True)                                           # [C, 1]
+    prior = torch.where(rows > 0, counts / rows.clamp(min=1), marginal)          # [C, K]
+    return torch.cat([prior, marginal[None]])                                    # [C + 1, K]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -60,7 +86,8 @@ class Ensemble(nn.Module):
     call appends the top-1 expert of every routed sample (CPU long [N]) to `routing_log`.
     """
 
-    def __init__(self, experts: Sequence[nn.Module], router: nn.Module, mode: str = "top-1"):
+    def __init__(self, experts: Sequence[nn.Module], router: nn.Module, mode: str = "top-1",
+                 class_counts: Sequence[Sequence[int]] | None = None, sample_seed: int = 0):
         super().__init__()
         if len(experts) < 1:
             raise EnsembleError("an ensemble needs at least one expert")
@@ -73,6 +100,9 @@ class Ensemble(nn.Module):
         k_router = getattr(router, "num_experts", None)
         if k_router is not None and int(k_router) != len(experts):
             raise EnsembleError(f"router predicts {k_router} clusters but the ensemble has {len(experts)} experts")
+        # p(k | y) for sample-once routing (None: the data's class counts are unknown, the mode is refused)
+        self.class_prior = None if class_counts is None else class_prior(class_counts, self.num_classes)
+        self.sample_seed = sample_seed
         self.mode = mode
         self.record_routing = False
         self.routing_log: list[torch.Tensor] = []
@@ -85,6 +115,9 @@ class Ensemble(nn.Module):
     @mode.setter
     def mode(self, mode: str) -> None:
         k = parse_mode(mode)
+        if mode == SAMPLE_ONCE and getattr(self, "class_prior", None) is None:
+            raise EnsembleError(f"routing mode {SAMPLE_ONCE} needs the shards' class counts, which this "
+                                f"ensemble's data manifest lacks; re-run `archipelago data prepare` and train")
         if k is not None and k > len(self.experts):
             raise EnsembleError(f"routing mode {mode} needs at least {k} experts; this ensemble has "
                                 f"{len(self.experts)}")
@@ -111,9 +144,12 @@ class Ensemble(nn.Module):
         """Mixture weights [N, K] (float32; rows sum to 1, zeros outside the selected experts)."""
         pairs = self._cfg_pairs(x, t, y)
         xs, ts, ys = (x[: x.shape[0] // 2], t[: t.shape[0] // 2], y[: y.shape[0] // 2]) if pairs else (x, t, y)
-        probs = self.router(xs, ts, ys).float().softmax(dim=-1)                   # [n, K]
-        self.router_calls += 1
-        self.router_samples += xs.shape[0]
+        if self._mode == SAMPLE_ONCE:
+            probs = self._draw_once(ys).to(x.device)                              # [n, K] one-hot
+        else:
+            probs = self.router(xs, ts, ys).float().softmax(dim=-1)               # [n, K]
+            self.router_calls += 1
+            self.router_samples += xs.shape[0]
         if self.top_k is not None and self.top_k < probs.shape[1]:
             top_p, top_i = probs.topk(self.top_k, dim=-1)                         # [n, k] each
             weights = torch.zeros_like(probs).scatter_(1, top_i, top_p / top_p.sum(-1, keepdim=True))
@@ -122,6 +158,14 @@ class Ensemble(nn.Module):
         if self.record_routing:
             self.routing_log.append(probs.argmax(dim=-1).cpu())
         return torch.cat([weights, weights]) if pairs else weights               # [N, K]
+
+    def _draw_once(self, y: torch.Tensor) -> torch.Tensor:
+        """One-hot [n, K]: expert k ~ p(k | y_i) per sample, from `sample_seed` and the labels alone (so the
+        same labels get the same experts at every step of a trajectory)."""
+        g = torch.Generator().manual_seed(self.sample_seed)
+        p = self.class_prior[y.cpu().clamp(0, self.num_classes)]                  # [n, K]
+        k = torch.multinomial(p, 1, generator=g).squeeze(1)                       # [n]
+        return F.one_hot(k, len(self.experts)).float()                            # [n, K]
 
     # --- velocity -----------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -159,9 +203,11 @@ class Ensemble(nn.Module):
         return v_uncond + cfg_scale * (v_cond - v_uncond)
 
 
-def from_models(experts: Sequence[nn.Module], router: nn.Module, mode: str = "top-1") -> Ensemble:
-    """An in-memory ensemble (eval mode) from expert modules (index = shard id) and a router module."""
-    return Ensemble(experts, router, mode).eval()
+def from_models(experts: Sequence[nn.Module], router: nn.Module, mode: str = "top-1",
+                class_counts: Sequence[Sequence[int]] | None = None) -> Ensemble:
+    """An in-memory ensemble (eval mode) from expert modules (index = shard id) and a router module;
+    class_counts [K][C] (the manifest's) enables sample-once routing."""
+    return Ensemble(experts, router, mode, class_counts=class_counts).eval()
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -177,6 +223,9 @@ class EnsembleSpec(BaseModel):
     data_manifest_sha256: str = Field(description="sha256 of the data manifest.json every part was trained on.")
     shard_sha256: dict[int, str] = Field(description="sha256 of each shard, copied from that manifest.")
     config_hash: str = Field(description="sha256 of the resolved config of the training run.")
+    shard_class_counts: list[list[int]] | None = Field(
+        None, description="Samples of each class in each shard [K][C], copied from that manifest: p(k | y) "
+        "for sample-once routing, so sampling needs no access to the data.")
     data_url: str | None = Field(None, description="Where the data was (re-checked at load when reachable).")
     name: str | None = Field(None, description="Run name.")
     created_at: float = Field(default_factory=time.time, description="Unix time of writing.")
@@ -279,6 +328,7 @@ def write_ensemble(url: str, experts: dict[int, str] | Sequence[str], router: st
         raise EnsembleError(f"cannot write the ensemble: {exc}") from None
     spec = EnsembleSpec(format_version=FORMAT_VERSION, experts=expert_urls, router=router,
                         data_manifest_sha256=m_sha, shard_sha256={s.id: s.sha256 for s in manifest.shards},
+                        shard_class_counts=manifest.class_counts,
                         config_hash=config_hash, data_url=data_url, name=name)
     metas = {k: _expert_meta(u, k) for k, u in expert_urls.items()}
     check_compatible(spec, metas, _router_meta(router), expert_urls, router)
@@ -350,7 +400,8 @@ def load_ensemble(url: str, mode: str = "top-1", device: str | torch.device = "c
         router, _ = load_router(router_url, device=device)
     except CheckpointError as exc:
         raise EnsembleError(f"router: {exc}") from None
-    ens = from_models(experts, router, mode)
+    ens = from_models(experts, router, "top-1", class_counts=spec.shard_class_counts)
+    ens.mode = mode
     ens.spec = spec
     ens.image_shape = tuple(metas[0].get("image_shape") or ())
     return ens

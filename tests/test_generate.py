@@ -122,3 +122,25 @@ def test_cli_eval_scores_samples(run, tmp_path):
     assert res["n_samples"] == 20 and res["shard"] == 1 and res["feature_distance"] > 0
     assert 0.0 <= res["class_consistency"] <= 1.0 and res["classifier_test_accuracy"] > 0.9
     assert cache.is_file()
+
+
+def test_cli_generate_sample_once_one_device_and_expert_parallel(run, tmp_path):
+    """sample-once through the CLI: ensemble.json carries the shards' class counts, so the CLI needs no data;
+    one device and expert_parallel (2 local ranks) draw the same experts and produce the same samples."""
+    from archipelago.data.shards import load_manifest
+    from archipelago.ensemble import read_spec
+
+    assert read_spec(run["ensemble"]).shard_class_counts == load_manifest(run["data"]).class_counts
+    one, par = tmp_path / "one.safetensors", tmp_path / "par.safetensors"
+    common = ["generate", "--ensemble", run["ensemble"], "--mode", "sample-once", "--n", "6", "--cfg", "2.0",
+              "--steps", "3", "--seed", "5"]
+    r = _cli(*common, "--out", str(tmp_path / "one.png"), "--save-tensor", str(one))
+    assert r.returncode == 0, r.stderr
+    r = _cli(*common, "--out", str(tmp_path / "par.png"), "--save-tensor", str(par), "--parallel",
+             "expert_parallel", "--world-size", "2", "--launcher", "local")
+    assert r.returncode == 0, r.stderr
+    (x1, _), (x2, _) = load_samples(str(one)), load_samples(str(par))
+    assert torch.allclose(x1, x2, atol=1e-5)
+    model = load_sampler_model(run["ensemble"], mode="sample-once")
+    assert torch.allclose(x1, generate(model, 6, cfg_scale=2.0, seed=5, steps=3), atol=1e-5)
+    assert model.router_calls == 0 and sum(model.expert_samples) == 2 * 6 * 3   # one expert per sample

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 from archipelago import storage
-from archipelago.config import ArchipelagoConfig
+from archipelago.config import ArchipelagoConfig, island_expert_config
 from archipelago.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -179,7 +179,7 @@ def resolve_islands(cfg: ArchipelagoConfig, manifest: ShardManifest, data_url: s
 
 
 def _validate(plan: IslandPlan, cfg: ArchipelagoConfig, where: str, default_ray_address: str | None) -> None:
-    ecfg = cfg.expert
+    ecfg = island_expert_config(cfg, cfg.data.num_clusters)   # the island's share (islands.flop_match)
     if plan.strategy == "single" and plan.num_workers > 1:
         raise ConfigError(f"field '{where}.strategy': 'single' cannot use num_workers={plan.num_workers} "
                           f"(island {plan.shard}); choose ddp, fsdp2 or deepspeed, or one worker")

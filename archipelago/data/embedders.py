@@ -65,6 +65,43 @@ class PixelPCAEmbedder:
 
 
 # ----------------------------------------------------------------------------------------------------
+# classifier: penultimate features of a small CNN fitted to the labels (semantic, offline)
+# ----------------------------------------------------------------------------------------------------
+
+class ClassifierEmbedder:
+    """Penultimate features of `eval.classifier.DigitClassifier` trained (seeded, seconds on a CPU) on the
+    samples being clustered and their labels.
+
+    Why: the DDM paper clusters DINOv2 features, in which a class mostly sits in one cluster; pixel PCA on
+    digits splits every class over several shards (class majority share ~0.6 at K=4), which caps what a
+    class-conditional top-1 router can reach. Without DINOv2 weights, a network trained on the labels is
+    the semantic feature space we can build offline. It needs labels (a flat folder has none) and sees
+    only the training split (prepare passes no held-out samples).
+    """
+    name = "classifier"
+    needs_labels = True
+
+    def __init__(self, seed: int = 0, steps: int = 400):
+        self.seed, self.steps = seed, steps
+
+    def embed(self, images: torch.Tensor, labels: torch.Tensor | None = None, num_classes: int = 0) -> np.ndarray:
+        from archipelago.eval.classifier import SplitData, accuracy, train_classifier
+        from archipelago.eval.metrics import extract_features
+
+        if labels is None or num_classes < 2:
+            raise DataError("data.embedder=classifier needs labelled data (at least 2 classes); this source "
+                            "has none: use pixel_pca or dinov2")
+        if images.ndim != 4:
+            raise DataError(f"data.embedder=classifier handles images [N,C,H,W], got {tuple(images.shape)}; "
+                            f"use pixel_pca for video")
+        empty = images[:0]
+        model, _ = train_classifier(SplitData(images, labels, empty, labels[:0]), num_classes, seed=self.seed,
+                                    steps=self.steps)
+        log.info("classifier embedder: train accuracy %.3f", accuracy(model, images, labels))
+        return extract_features(model, images).astype(np.float32)    # [N, feature_dim]
+
+
+# ----------------------------------------------------------------------------------------------------
 # dinov2: local weights only (timm, or a local torch.hub checkout)
 # ----------------------------------------------------------------------------------------------------
 
@@ -202,6 +239,7 @@ class Dinov2Embedder:
 
 EMBEDDERS: dict[str, Callable[[DataConfig], Embedder]] = {
     "pixel_pca": lambda cfg: PixelPCAEmbedder(dim=cfg.embed_dim, seed=cfg.seed),
+    "classifier": lambda cfg: ClassifierEmbedder(seed=cfg.seed),
     "dinov2": lambda cfg: Dinov2Embedder(cfg.dinov2_weights),
 }
 

@@ -144,3 +144,19 @@ def cluster_purity(assign: np.ndarray, labels: np.ndarray) -> float:
     table = np.zeros((assign.max() + 1, labels.max() + 1), dtype=np.int64)  # [K, classes]
     np.add.at(table, (assign, labels), 1)
     return float(table.max(axis=1).sum() / assign.size)
+
+
+def class_counts(assign: np.ndarray, labels: np.ndarray, k: int, num_classes: int) -> np.ndarray:
+    """Samples of each class in each shard, int64 [K, num_classes]."""
+    table = np.zeros((k, num_classes), dtype=np.int64)
+    np.add.at(table, (np.asarray(assign, dtype=np.int64), np.asarray(labels, dtype=np.int64)), 1)
+    return table
+
+
+def class_majority_share(counts: np.ndarray) -> float:
+    """Mean over classes of max_k share of the class in shard k (counts [K, C]): 1.0 when every class lives
+    in one shard. Purity says how mixed a cluster is; this says how split a class is, which is what limits
+    a class-conditional top-1 router (it can reach one shard per class)."""
+    per_class = counts.sum(axis=0)
+    held = per_class > 0
+    return float((counts.max(axis=0)[held] / per_class[held]).mean())

@@ -16,15 +16,17 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from archipelago import storage
 from archipelago.config import DataConfig
 from archipelago.data.embedders import get_embedder
-from archipelago.data.partition import cluster_purity, partition
+from archipelago.data.partition import class_counts, class_majority_share, cluster_purity, partition
 from archipelago.data.shards import (
     FORMAT_VERSION,
+    HOLDOUT_FILE,
     MANIFEST,
     ShardManifest,
     data_config_hash,
     load_manifest,
     shard_file,
     verify_shards,
+    write_holdout,
     write_manifest,
     write_shard,
 )
@@ -77,16 +79,21 @@ def prepare_data(cfg: DataConfig, out_url: str, progress: bool = True) -> ShardM
     with _progress(columns, progress) as bar:
         task = bar.add_task("load source", total=3 + k)
 
-        # --- source ---
+        # --- source, and the held-out split (seeded; never embedded, clustered or sharded) ---
         src = load_source(cfg)
-        n = len(src)
+        train, held = holdout_split(len(src), cfg.holdout_fraction, cfg.seed)
+        n = len(train)
         if k > n:
-            raise DataError(f"data.num_clusters={k} is larger than the number of samples ({n}) in source "
-                            f"{src.name!r}; lower data.num_clusters")
+            raise DataError(f"data.num_clusters={k} is larger than the number of training samples ({n}) in "
+                            f"source {src.name!r}; lower data.num_clusters (or data.holdout_fraction)")
+        images, labels_t = src.images[train], src.labels[train]
         bar.update(task, advance=1, description=f"embed {n} samples ({embedder.name})")
 
-        # --- embed ---
-        emb = embedder.embed(src.images)  # [N, D]
+        # --- embed (training samples only: the held-out split must not shape the clusters) ---
+        if getattr(embedder, "needs_labels", False):
+            emb = embedder.embed(images, labels=labels_t, num_classes=src.num_classes)  # [N, D]
+        else:
+            emb = embedder.embed(images)  # [N, D]
         if emb.shape[0] != n or not np.isfinite(emb).all():
             raise DataError(f"embedder {embedder.name!r} returned features {emb.shape} (or non-finite "
                             f"values) for {n} samples")
@@ -94,23 +101,30 @@ def prepare_data(cfg: DataConfig, out_url: str, progress: bool = True) -> ShardM
 
         # --- partition ---
         part = partition(emb, cfg)
-        labels = src.labels.numpy()
+        labels = labels_t.numpy()
         purity = cluster_purity(part.assign, labels) if src.num_classes > 1 else None
+        table = class_counts(part.assign, labels, k, src.num_classes)
         bar.update(task, advance=1, description="write shards")
 
         # --- shards, then the manifest (the commit marker) ---
         storage.remove(storage.join(out_url, MANIFEST))  # a stale manifest must never bless new shards
         infos = []
         for s in range(k):
-            idx = torch.from_numpy(np.flatnonzero(part.assign == s)).to(torch.int64)  # source positions
-            infos.append(write_shard(out_url, s, src.images[idx], src.labels[idx], idx))
+            idx = torch.from_numpy(np.flatnonzero(part.assign == s)).to(torch.int64)  # training positions
+            infos.append(write_shard(out_url, s, images[idx], labels_t[idx], train[idx]))
             bar.update(task, advance=1, description=f"write {shard_file(s)}")
+        holdout = None
+        if len(held):
+            holdout = write_holdout(out_url, src.images[held], src.labels[held], held, cfg.holdout_fraction)
+        else:
+            storage.remove(storage.join(out_url, HOLDOUT_FILE))
         manifest = ShardManifest(
             format_version=FORMAT_VERSION, source=src.name, num_clusters=k, num_samples=n,
             counts=part.counts, centroids=part.centroids.astype(float).tolist(), embedder=embedder.name,
             seed=cfg.seed, partitioner=cfg.partitioner, image_shape=list(src.images.shape[1:]),
             num_classes=src.num_classes, data_config_hash=config_hash,
-            data_config=cfg.model_dump(mode="json"), shards=infos, purity=purity)
+            data_config=cfg.model_dump(mode="json"), shards=infos, purity=purity,
+            class_counts=table.tolist(), class_majority_share=class_majority_share(table), holdout=holdout)
         write_manifest(out_url, manifest)
         bar.update(task, description="done")
 
@@ -119,6 +133,19 @@ def prepare_data(cfg: DataConfig, out_url: str, progress: bool = True) -> ShardM
     for name in storage.listdir(out_url):
         if name.startswith("shard-") and name.endswith(".safetensors") and name not in keep:
             storage.remove(storage.join(out_url, name))
-    log.info("%s: %d samples -> K=%d shards %s (imbalance %.2f, purity %s)", out_url, n, k, part.counts,
-             part.imbalance, "n/a" if purity is None else f"{purity:.3f}")
+    log.info("%s: %d samples -> K=%d shards %s (imbalance %.2f, purity %s, held out %d)", out_url, n, k,
+             part.counts, part.imbalance, "n/a" if purity is None else f"{purity:.3f}", len(held))
     return manifest
+
+
+def holdout_split(n: int, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(training positions, held-out positions), each sorted: a seeded permutation of the n source samples,
+    round(fraction * n) of it held out. A function of (n, fraction, seed) only, so every K, embedder and
+    partitioner of one source holds out the same samples and their scores are comparable."""
+    n_held = round(fraction * n)
+    if 0 < n_held < 2 or n - n_held < 1:
+        log.warning("data.holdout_fraction=%s of %d samples would hold out %d: too few to score against; "
+                    "no held-out split", fraction, n, n_held)
+        n_held = 0
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(10_007 + seed))
+    return perm[n_held:].sort().values, perm[:n_held].sort().values

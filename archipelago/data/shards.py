@@ -38,6 +38,16 @@ class ShardInfo(BaseModel):
     count: int = Field(ge=1, description="Samples in the shard.")
 
 
+class HoldoutInfo(BaseModel):
+    """The held-out split: samples of the source that no shard holds (no expert, router or monolith trains
+    on them); evaluation scores against it."""
+    model_config = ConfigDict(extra="forbid")
+    file: str = Field(description="File name relative to the data URL (holdout.safetensors).")
+    sha256: str = Field(description="sha256 of the file's bytes.")
+    count: int = Field(ge=1, description="Held-out samples.")
+    fraction: float = Field(description="data.holdout_fraction it was drawn with (seeded by data.seed).")
+
+
 class ShardManifest(BaseModel):
     """What `data prepare` produced; written last, so its presence means every shard is complete."""
     model_config = ConfigDict(extra="forbid")
@@ -56,6 +66,12 @@ class ShardManifest(BaseModel):
     data_config: dict[str, Any] = Field(description="The data config itself, for provenance.")
     shards: list[ShardInfo] = Field(description="One entry per shard, in shard id order.")
     purity: float | None = Field(None, description="Cluster purity w.r.t. the labels (None: unlabelled).")
+    class_counts: list[list[int]] | None = Field(
+        None, description="Samples of each class in each shard, [K][C]: p(k | y) for sample-once routing.")
+    class_majority_share: float | None = Field(
+        None, description="Mean over classes of the share of the class in its largest shard: 1 when every "
+        "class lives in one shard (what a class-conditional top-1 router needs), 1/K for random shards.")
+    holdout: HoldoutInfo | None = Field(None, description="The held-out split (None: data.holdout_fraction=0).")
 
 
 @dataclass
@@ -97,6 +113,16 @@ def write_shard(data_url: str, k: int, images: torch.Tensor, labels: torch.Tenso
     return ShardInfo(id=k, file=name, sha256=digest, count=int(labels.shape[0]))
 
 
+HOLDOUT_FILE = "holdout.safetensors"
+
+
+def write_holdout(data_url: str, images: torch.Tensor, labels: torch.Tensor, index: torch.Tensor,
+                  fraction: float) -> HoldoutInfo:
+    """Atomically write the held-out split (same layout as a shard, id -1); returns its manifest entry."""
+    digest = storage.write_bytes(storage.join(data_url, HOLDOUT_FILE), encode_shard(images, labels, index, -1))
+    return HoldoutInfo(file=HOLDOUT_FILE, sha256=digest, count=int(labels.shape[0]), fraction=fraction)
+
+
 def write_manifest(data_url: str, manifest: ShardManifest) -> str:
     """Write manifest.json (call this LAST: it marks the shards as complete); returns its sha256."""
     return storage.write_json(storage.join(data_url, MANIFEST), manifest.model_dump(mode="json"))
@@ -135,11 +161,12 @@ def load_manifest(data_url: str) -> ShardManifest:
     return m
 
 
-def _shard_bytes(data_url: str, info: ShardInfo, verify: bool) -> bytes:
+def _shard_bytes(data_url: str, info: ShardInfo | HoldoutInfo, verify: bool) -> bytes:
     url = storage.join(data_url, info.file)
+    what = f"shard {info.id}" if isinstance(info, ShardInfo) else "the held-out split"
     try:
         if not storage.exists(url):
-            raise DataError(f"{url}: shard {info.id} is missing; {_RERUN}")
+            raise DataError(f"{url}: {what} is missing; {_RERUN}")
         data = storage.read_bytes(url)
     except StorageError as exc:
         raise DataError(f"{exc}; {_RERUN}") from None
@@ -180,11 +207,22 @@ def read_shard(data_url: str, k: int, verify: bool = True,
     return decode_shard(_shard_bytes(data_url, info, verify), storage.join(data_url, info.file), info.count)
 
 
+def read_holdout(data_url: str, verify: bool = True, manifest: ShardManifest | None = None) -> ShardData | None:
+    """The held-out split of the prepared data (sha256-checked), or None when it was prepared without one."""
+    m = manifest or load_manifest(data_url)
+    if m.holdout is None:
+        return None
+    return decode_shard(_shard_bytes(data_url, m.holdout, verify), storage.join(data_url, m.holdout.file),
+                        m.holdout.count)
+
+
 def verify_shards(data_url: str, manifest: ShardManifest | None = None) -> ShardManifest:
-    """Check that every shard exists, matches its sha256 and parses; returns the manifest."""
+    """Check that every shard (and the held-out split) exists, matches its sha256 and parses; returns the
+    manifest."""
     m = manifest or load_manifest(data_url)
     for info in m.shards:
         decode_shard(_shard_bytes(data_url, info, verify=True), storage.join(data_url, info.file), info.count)
+    read_holdout(data_url, manifest=m)
     return m
 
 

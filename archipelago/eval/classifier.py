@@ -56,14 +56,18 @@ class SplitData:
 
 
 def split_data(data_url: str) -> SplitData:
-    """Every shard of data_url, split by source position with a fixed seed (same split for any K or
-    partitioner of the same source: the split depends on the source index, not on the shard)."""
-    from archipelago.data.shards import load_manifest, read_shard
+    """The classifier's train/test data. With a held-out split in the data: train on every shard, test on
+    the held-out samples. Without one: every shard, split by source position with a fixed seed (same split
+    for any K or partitioner of the same source: the split depends on the source index, not on the shard)."""
+    from archipelago.data.shards import load_manifest, read_holdout, read_shard
 
     m = load_manifest(data_url)
     shards = [read_shard(data_url, k, manifest=m) for k in range(m.num_clusters)]
     x = torch.cat([s.images for s in shards])
     y = torch.cat([s.labels for s in shards])
+    held = read_holdout(data_url, manifest=m)
+    if held is not None:
+        return SplitData(x, y, held.images, held.labels)
     index = torch.cat([s.index for s in shards])
     perm = torch.randperm(m.num_samples, generator=torch.Generator().manual_seed(SPLIT_SEED))
     is_test = torch.zeros(int(max(m.num_samples, int(index.max()) + 1)), dtype=torch.bool)

@@ -93,36 +93,61 @@ def fid_kid(samples: torch.Tensor, reference: torch.Tensor) -> tuple[dict[str, f
             "kid": float(out["kernel_inception_distance_mean"])}, msg
 
 
+def memorisation(samples: torch.Tensor, train: torch.Tensor, held: torch.Tensor, seed: int = 0) -> dict[str, float]:
+    """Mean pixel-space L2 distance of each sample to its nearest training image and to its nearest held-out
+    image, the training set subsampled (seeded) to the held-out size so both sets are equally dense.
+    ratio = nn_train / nn_holdout: about 1 for a model that generalises, well below 1 for one that copies
+    its training images."""
+    g = torch.Generator().manual_seed(seed)
+    tr = train[torch.randperm(len(train), generator=g)[: len(held)]]
+    flat = samples.float().clamp(-1, 1).flatten(1)
+
+    def nn_dist(ref: torch.Tensor) -> float:
+        return float(torch.cdist(flat, ref.float().flatten(1)).min(dim=1).values.mean())
+
+    d_train, d_held = nn_dist(tr), nn_dist(held)
+    return {"nn_train": d_train, "nn_holdout": d_held, "ratio": d_train / d_held if d_held > 0 else float("nan")}
+
+
 def evaluate_samples(samples: torch.Tensor, labels: torch.Tensor | None, data_url: str, shard: int | None = None,
                      cache_url: str | None = None, with_fid: bool = True) -> dict[str, Any]:
-    """Every score of `samples` against the prepared data at data_url (all shards, or shard `shard`).
+    """Every score of `samples` against the prepared data at data_url: against its held-out split when it
+    has one (samples are then scored on images no model trained on, plus a memorisation check), else
+    against all shards (or shard `shard`).
 
     reference_floor: FD of a random real subset of the same size as `samples` to the same reference, i.e.
-    the value a perfect generator would get at this sample size (FD is biased upward for small N).
+    the value a perfect generator would get at this sample size (FD is biased upward for small N). With a
+    held-out reference the subset is drawn from the training shards: the floor is then real-vs-real across
+    the split.
     """
-    from archipelago.data.shards import read_all, read_shard
+    from archipelago.data.shards import read_all, read_holdout, read_shard
     from archipelago.eval.classifier import load_or_train_classifier
 
     classifier, info = load_or_train_classifier(data_url, cache_url=cache_url)
-    if shard is None:
-        reference = read_all(data_url)[0]
-    else:
-        reference = read_shard(data_url, shard).images
+    held = read_holdout(data_url) if shard is None else None
+    train = read_all(data_url)[0] if shard is None else read_shard(data_url, shard).images
+    reference = held.images if held is not None else train
     if tuple(samples.shape[1:]) != tuple(reference.shape[1:]):
         from archipelago.errors import DataError
 
         raise DataError(f"samples have shape {tuple(samples.shape[1:])} but the reference data at {data_url} "
                         f"has {tuple(reference.shape[1:])}")
     ref_f = extract_features(classifier, reference)
-    idx = torch.randperm(len(reference), generator=torch.Generator().manual_seed(0))[: min(len(samples),
-                                                                                          len(reference))]
+    pool_f = extract_features(classifier, train) if held is not None else ref_f   # the floor's real subset
+    idx = torch.randperm(len(pool_f), generator=torch.Generator().manual_seed(0))[: min(len(samples),
+                                                                                       len(pool_f))]
     out: dict[str, Any] = {
         "n_samples": len(samples), "reference": data_url, "shard": shard, "n_reference": len(reference),
+        "reference_split": "holdout" if held is not None else ("shards" if shard is None else f"shard {shard}"),
         "feature_distance": frechet_distance(extract_features(classifier, samples), ref_f),
-        "reference_floor": frechet_distance(ref_f[idx.numpy()], ref_f) if len(idx) >= 2 else None,
+        "reference_floor": frechet_distance(pool_f[idx.numpy()], ref_f) if len(idx) >= 2 else None,
+        "memorisation": memorisation(samples, train, held.images) if held is not None else None,
+        "memorisation_ratio": None,
         "class_consistency": None if labels is None else class_consistency(samples, labels, classifier),
         "classifier_test_accuracy": info.get("test_accuracy"), "classifier_cache": info.get("cache_url"),
         "fid": None, "kid": None, "fid_note": None}
+    if out["memorisation"] is not None:
+        out["memorisation_ratio"] = out["memorisation"]["ratio"]
     if with_fid:
         scores, note = fid_kid(samples, reference)
         out["fid_note"] = note

@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 
 from archipelago import storage
-from archipelago.config import ArchipelagoConfig, ExpertConfig
+from archipelago.config import ArchipelagoConfig, ExpertConfig, island_expert_config
 from archipelago.errors import ArchipelagoError, CheckpointError, ConfigError, DataError
 from archipelago.experts import checkpoint as ckpt
 from archipelago.experts.callbacks import JsonlMetricsCallback, RichProgressCallback, TrainCallback
@@ -179,6 +179,7 @@ def train_expert(cfg: ArchipelagoConfig, shard: int, data_url: str, out_url: str
 
         # ---- data: the whole shard in memory (shards are small), on the device -----------------------
         manifest = load_manifest(data_url)
+        ecfg = island_expert_config(cfg, manifest.num_clusters)   # this island's share of the budget
         data = read_shard(data_url, shard, manifest=manifest)
         images, labels = data.images.to(device), data.labels.to(device)
         micro = micro_batch_size(ecfg, world_size)
@@ -192,7 +193,8 @@ def train_expert(cfg: ArchipelagoConfig, shard: int, data_url: str, out_url: str
             "name": cfg.name, "config_hash": cfg.config_hash(), "model": ckpt.model_record(model),
             "shard": shard, "shard_sha256": manifest.shards[shard].sha256,
             "data_manifest_sha256": manifest_sha256(data_url), "image_shape": manifest.image_shape,
-            "num_classes": manifest.num_classes, "expert": ecfg.model_dump(mode="json")}
+            "num_classes": manifest.num_classes, "expert": ecfg.model_dump(mode="json"),
+            "flop_match": cfg.islands.flop_match, "num_clusters": manifest.num_clusters}
         manager = ckpt.CheckpointManager(out_url, keep=ecfg.keep_checkpoints, run_meta=ckpts_meta)
 
         # ---- resume: a finished run is returned as is; otherwise weights go in before wrapping, so every

@@ -32,28 +32,31 @@ from archipelago.inference.runner import (
 LAUNCHERS = ("torchrun", "ray", "local")
 
 
-def resolve_members(source: str) -> tuple[list[str], str | None, dict[str, Any]]:
-    """(expert URLs in shard order, router URL or None, first expert's model record) of an ensemble.json
-    URL (verified without loading weights) or of one expert checkpoint directory."""
+def resolve_members(source: str) -> tuple[list[str], str | None, dict[str, Any], list[list[int]] | None]:
+    """(expert URLs in shard order, router URL or None, first expert's model record, per-shard class
+    counts or None) of an ensemble.json URL (verified without loading weights) or of one expert checkpoint
+    directory."""
     from archipelago import storage
     from archipelago.ensemble import ENSEMBLE_FILE, verified_members
     from archipelago.experts.checkpoint import read_meta
 
     if source.endswith(".json") or storage.exists(storage.join(source, ENSEMBLE_FILE)):
-        _, experts, router, metas = verified_members(source)
-        return [experts[k] for k in sorted(experts)], router, metas[min(metas)].get("model") or {}
-    return [source], None, read_meta(source).get("model") or {}
+        spec, experts, router, metas = verified_members(source)
+        return ([experts[k] for k in sorted(experts)], router, metas[min(metas)].get("model") or {},
+                spec.shard_class_counts)
+    return [source], None, read_meta(source).get("model") or {}, None
 
 
 def sampling_spec(source: str, routing: str = "top-1", n: int = 16, cfg_scale: float = 1.0, seed: int = 0,
                   steps: int = 32, sampler: str = "euler", device: str = "auto") -> SamplingSpec:
     """The SamplingSpec of `archipelago generate`: classes 0..C-1 repeated (as the single-device path)."""
-    experts, router, record = resolve_members(source)
+    experts, router, record, class_counts = resolve_members(source)
     if record.get("class") not in (None, "DiT"):
         raise ConfigError(f"{source}: a {record.get('class')} expert; videos use `archipelago generate-video`")
     num_classes = int((record.get("args") or {}).get("num_classes", 1))
     labels = [i % max(num_classes, 1) for i in range(n)]
-    return SamplingSpec(experts=experts, router=router, routing=routing, num_samples=n, labels=labels,
+    return SamplingSpec(experts=experts, router=router, routing=routing, class_counts=class_counts,
+                        num_samples=n, labels=labels,
                         seed=seed, steps=steps, sampler=sampler, cfg_scale=cfg_scale, device=device)
 
 

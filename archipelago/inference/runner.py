@@ -35,7 +35,10 @@ class SamplingSpec(BaseModel):
 
     experts: list[str] = Field(min_length=1, description="Expert checkpoint URLs (several: an ensemble).")
     router: str | None = Field(None, description="Router checkpoint URL (expert_parallel).")
-    routing: str = Field("top-1", pattern=r"^(full|top-\d+)$", description="Ensemble routing: full | top-k.")
+    routing: str = Field("top-1", pattern=r"^(full|top-\d+|sample-once)$",
+                         description="Ensemble routing: full | top-k | sample-once.")
+    class_counts: list[list[int]] | None = Field(
+        None, description="Per-shard class counts [K][C] of the ensemble's data (sample-once routing).")
     num_samples: int = Field(4, ge=1, description="Images in the batch.")
     labels: list[int] | None = Field(None, description="Class labels (default: seeded random classes).")
     seed: int = Field(0, description="Noise (and label) seed: same on every rank.")
@@ -179,7 +182,8 @@ def build_model_fn(spec: SamplingSpec, pcfg: ParallelConfig, comm: Comm, device:
     held = sum(_param_bytes(m) for m in [router, *local.values()])
     experts = [local[k] if k in local else RemoteExpert(k, first.num_classes)
                for k in range(len(spec.experts))]
-    ensemble = Ensemble(experts, router, mode=spec.routing).eval()
+    ensemble = Ensemble(experts, router, class_counts=spec.class_counts).eval()
+    ensemble.mode = spec.routing
     if pcfg.world_size == 1:
         return ensemble, shape, first.num_classes, held
     fn = parallelize_expert_shard(local, ensemble.route, len(spec.experts), first.num_classes, pcfg, comm)

@@ -24,7 +24,7 @@ from typing import Any
 
 from archipelago import storage
 from archipelago.cluster.spec import ClusterSpec, IslandPlan
-from archipelago.config import ArchipelagoConfig
+from archipelago.config import ArchipelagoConfig, island_expert_config
 from archipelago.errors import ArchipelagoError, ConfigError, failure_line
 from archipelago.experts.callbacks import TrainCallback
 from archipelago.orchestration.islands import IslandResult, run_islands
@@ -142,7 +142,9 @@ def _island_tags(plan: IslandPlan, cfg: ArchipelagoConfig, manifest_sha: str) ->
 
 
 def _island_params(plan: IslandPlan, cfg: ArchipelagoConfig) -> dict[str, Any]:
-    return {"island": plan.params(), "expert": plan.island_config(cfg).expert.model_dump(mode="json")}
+    # The expert config this island really trains with: its share of the budget under islands.flop_match.
+    expert = island_expert_config(plan.island_config(cfg), cfg.data.num_clusters)
+    return {"island": plan.params(), "expert": expert.model_dump(mode="json"), "flop_match": cfg.islands.flop_match}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -231,7 +233,10 @@ def run_pipeline(cfg: ArchipelagoConfig, callbacks: Sequence[TrainCallback] = ()
     t0 = time.perf_counter()
     result.grid, result.eval = _samples_and_eval(cfg, ensemble_url, ensemble_sha, data_url)
     stages["samples_eval_s"] = time.perf_counter() - t0
-    say(f"samples: {result.grid}; eval: feature distance {result.eval.get('feature_distance', float('nan')):.3f}")
+    ev = result.eval
+    say(f"samples: {result.grid}; eval vs {ev.get('reference_split', 'data')}: feature distance "
+        f"{ev.get('feature_distance', float('nan')):.2f} (real-vs-real floor {ev.get('reference_floor') or float('nan'):.2f}), "
+        f"class-consistency {ev.get('class_consistency') or float('nan'):.2f}")
 
     # ---- MLflow: artifacts, eval metrics, the registered ensemble ------------------------------------
     _write_summary(result)

@@ -64,14 +64,17 @@ def _identity(cfg: ArchipelagoConfig, manifest_sha: str, class_conditional: bool
 
 
 def train_router(cfg: ArchipelagoConfig, data_url: str, out_url: str, callbacks: Iterable[TrainCallback] = (),
-                 class_conditional: bool = True, resume: bool = True,
+                 class_conditional: bool | None = None, resume: bool = True,
                  device: str | torch.device | None = None) -> dict[str, Any]:
     """Train the router on every shard of `data_url`, write it to `out_url`, return
     {router, steps, final_loss, num_experts, metrics, wall_s, cached}.
 
     class_conditional: condition on the class label too (the DDM paper's router sees x_t, t and the class);
     with it, label dropout (expert.class_dropout) trains the null class used when no label is given.
+    None: `router.class_conditional` of the config (r(x_t, t) when false: the ablation).
     """
+    if class_conditional is None:
+        class_conditional = cfg.router.class_conditional
     from archipelago.data.shards import load_manifest, manifest_sha256, read_all
 
     rcfg = cfg.router

@@ -21,16 +21,30 @@ def _run(script: str, *args: str, timeout: float = 300) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
-@pytest.mark.timeout(300)
-def test_ddm_vs_monolithic_quick_reports_every_arm_and_guidance(tmp_path):
-    _run("ddm_vs_monolithic.py", "--quick", "--sample-cfg", "1.0", "2.0", "--work", str(tmp_path / "w"))
+@pytest.mark.timeout(420)
+def test_ddm_vs_monolithic_quick_reports_every_arm_protocol_and_bracketed_guidance(tmp_path):
+    _run("ddm_vs_monolithic.py", "--quick", "--work", str(tmp_path / "w"), timeout=420)
     report = json.loads((tmp_path / "w-quick" / "ddm_vs_monolithic-quick.json").read_text())
-    rows = {(r["arm"], r["mode"], r["cfg"]) for r in report["rows"]}
-    assert {("monolith", "-", 1.0), ("monolith", "-", 2.0)} <= rows
-    assert {(a, m, 2.0) for a in ("ddm-k4-kmeans", "ddm-k4-random", "ddm-k8-kmeans")
-            for m in ("full", "top-2", "top-1")} <= rows
-    flops = {a["train_flops"] for a in report["arms"].values()}
-    assert len(flops) == 1, "arms are not FLOP-matched"
+    arms = report["arms"]
+    # The ablation grid (K=4 in --quick): embedder x protocol x router, each FLOP-matched to the monolith.
+    assert {f"ddm-k4-{e}-{p}-{r}" for e in ("pixel_pca", "classifier") for p in ("batch", "steps")
+            for r in ("xty", "xt")} | {"monolith"} == set(arms)
+    assert len({a["expert_flops"] for a in arms.values()}) == 1, "arms are not FLOP-matched"
+    assert arms["ddm-k4-pixel_pca-batch-xty"]["batch_per_expert"] == 16          # 64 / K, same steps
+    assert arms["ddm-k4-pixel_pca-steps-xty"]["steps_per_expert"] == 2           # 8 / K, same batch
+    assert all(a["router_flops"] > 0 for n, a in arms.items() if n != "monolith")   # charged to DDM arms
+    rows = report["rows"]
+    modes = {(r["arm"], r["mode"]) for r in rows}
+    for n in arms:
+        if n != "monolith":
+            assert {(n, m) for m in ("top-1", "top-2", "full", "sample-once")} <= modes
+    # Guidance bracketed: every bracketed (arm, mode)'s best scale is inside its grid or at a grid limit.
+    for s in report["summary"]:
+        scales = sorted(r["cfg"] for r in rows if r["arm"] == s["arm"] and r["mode"] == s["best_mode"])
+        assert s["best_cfg"] in scales and (scales[0] < s["best_cfg"] < scales[-1]
+                                            or s["best_cfg"] in (0.0, 3.0) or s["best_mode"] in ("top-2", "full"))
+    assert report["winner"]["router"] in ("xty", "xt")
+    assert all(0 < r["memorisation"] < 2 for r in rows) and report["setup"]["holdout_fraction"] == 0.2
 
 
 @pytest.mark.timeout(300)

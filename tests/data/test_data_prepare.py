@@ -21,8 +21,8 @@ def test_prepare_is_idempotent(tmp_path):
     out = tmp_path / "d"
     m1 = prepare_data(cfg, str(out), progress=True)  # exercises the rich progress bar too
     before = _mtimes(out)
-    assert set(before) == {"manifest.json", "shard-000.safetensors", "shard-001.safetensors",
-                           "shard-002.safetensors"}
+    assert set(before) == {"manifest.json", "holdout.safetensors", "shard-000.safetensors",
+                           "shard-001.safetensors", "shard-002.safetensors"}
     time.sleep(0.01)
     m2 = prepare_data(cfg, str(out), progress=False)
     assert m2 == m1 and _mtimes(out) == before  # reused: nothing rewritten
@@ -38,8 +38,8 @@ def test_prepare_rebuilds_corrupt_or_changed_data(tmp_path):
     # Another config (fewer shards) replaces the data and cleans up shards the new manifest does not list.
     m3 = prepare_data(DataConfig(num_clusters=2, **small), str(out), progress=False)
     assert m3.num_clusters == 2 and m3.data_config_hash != m1.data_config_hash
-    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "shard-000.safetensors",
-                                                     "shard-001.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == ["holdout.safetensors", "manifest.json",
+                                                     "shard-000.safetensors", "shard-001.safetensors"]
 
 
 def test_same_seed_same_shards_different_seed_differs(tmp_path):
@@ -62,7 +62,7 @@ def test_prepare_to_memory_url():
         assert storage.exists(storage.join(url, "manifest.json"))
         assert load_manifest(url) == m
         images, _, cluster_ids = read_all(url)
-        assert images.shape[0] == 1797 and cluster_ids.max() == 1
+        assert images.shape[0] + m.holdout.count == 1797 and cluster_ids.max() == 1
         fs = fsspec.filesystem("memory")
         stamp = {p: fs.info(p)["created"] for p in fs.find("/archipelago-test-prepare")}
         assert prepare_data(DataConfig(num_clusters=2, seed=0), url, progress=False) == m
@@ -75,7 +75,7 @@ def test_prepare_moving_digits_video(tmp_path):
     cfg = DataConfig(source="moving_digits", num_videos=40, video_frames=16, video_size=32, num_clusters=2,
                      embed_dim=8)
     m = prepare_data(cfg, str(tmp_path / "v"), progress=False)
-    assert m.image_shape == [1, 16, 32, 32] and m.num_samples == 40 and max(m.counts) / min(m.counts) <= 2
+    assert m.image_shape == [1, 16, 32, 32] and m.num_samples + m.holdout.count == 40 and max(m.counts) / min(m.counts) <= 2
     s = read_shard(str(tmp_path / "v"), 0)
     assert s.images.shape[1:] == (1, 16, 32, 32)
 

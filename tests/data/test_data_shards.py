@@ -15,7 +15,7 @@ from archipelago.data import (
     read_shard,
     verify_shards,
 )
-from archipelago.data.shards import decode_shard, encode_shard, shard_file
+from archipelago.data.shards import decode_shard, encode_shard, read_holdout, shard_file
 from archipelago.errors import DataError
 from archipelago.storage import sha256_bytes
 
@@ -32,7 +32,7 @@ def test_manifest_round_trip(prepared, digits):
     assert ShardManifest.model_validate(raw) == m
     assert m.format_version == FORMAT_VERSION and m.num_clusters == 4 and m.source == "digits"
     assert m.image_shape == [1, 16, 16] and m.num_classes == 10 and m.embedder == "pixel_pca"
-    assert sum(m.counts) == m.num_samples == 1797 and len(m.centroids) == 4 and len(m.centroids[0]) == 32
+    assert sum(m.counts) == m.num_samples == 1797 - m.holdout.count and len(m.centroids) == 4 and len(m.centroids[0]) == 32
     assert [s.file for s in m.shards] == [shard_file(k) for k in range(4)] == ["shard-000.safetensors",
                                                                                "shard-001.safetensors",
                                                                                "shard-002.safetensors",
@@ -48,13 +48,19 @@ def test_manifest_round_trip(prepared, digits):
 
 
 def test_read_all_covers_the_source_once(prepared, digits):
+    """Shards + the held-out split hold every source sample exactly once; no held-out sample is in a shard."""
     images, labels, cluster_ids = read_all(str(prepared))
-    assert images.shape == (1797, 1, 16, 16) and labels.shape == cluster_ids.shape == (1797,)
     m = load_manifest(str(prepared))
+    n_train = 1797 - m.holdout.count
+    assert m.holdout.count == 180 and m.holdout.fraction == 0.1
+    assert images.shape == (n_train, 1, 16, 16) and labels.shape == cluster_ids.shape == (n_train,)
     assert torch.bincount(cluster_ids, minlength=4).tolist() == m.counts
     index = torch.cat([read_shard(str(prepared), k).index for k in range(4)])
-    assert sorted(index.tolist()) == list(range(1797))
-    assert torch.equal(images, digits.images[index])
+    held = read_holdout(str(prepared))
+    assert set(index.tolist()).isdisjoint(held.index.tolist())
+    assert sorted(index.tolist() + held.index.tolist()) == list(range(1797))
+    assert torch.equal(images, digits.images[index]) and torch.equal(held.images, digits.images[held.index])
+    assert torch.equal(held.labels, digits.labels[held.index])
 
 
 def test_manifest_sha256_matches_file(prepared):

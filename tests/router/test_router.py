@@ -125,3 +125,22 @@ def test_cli_train_router(trained, cli, tmp_path):
     assert "accuracy per t-bin" in r.stdout and (out / "meta.json").is_file()
     _, meta = load_router(str(out))
     assert meta["model"]["args"]["num_classes"] == 0 and meta["step"] == 5
+
+
+def test_unconditional_router_from_config(trained):
+    """router.class_conditional=false trains r(x_t, t): no label embedding, and a router trained the other way
+    is not reused for it (the identity differs)."""
+    from archipelago.router.train import read_router_meta
+
+    cfg = trained["cfg"].model_copy(deep=True)
+    cfg.router.class_conditional = False
+    cfg.router.steps = 20
+    out = str(trained["root"] / "router-xt")
+    res = train_router(cfg, trained["data"], out)
+    meta = read_router_meta(out)
+    assert not res["cached"] and meta["model"]["args"]["num_classes"] == 0
+    assert meta["identity"]["class_conditional"] is False
+    assert read_router_meta(str(trained["root"] / "router"))["model"]["args"]["num_classes"] == 10
+    router, _ = load_router(out)
+    x, t = torch.randn(3, 1, 16, 16), torch.rand(3)
+    assert torch.equal(router(x, t, torch.tensor([0, 1, 2])), router(x, t, None))   # the label is ignored
