@@ -33,10 +33,11 @@ import torch.distributed as dist
 
 from archipelago import storage
 from archipelago.config import ArchipelagoConfig, ExpertConfig
-from archipelago.errors import ArchipelagoError, CheckpointError, ConfigError, DataError
+from archipelago.errors import PREEMPTED_EXIT, ArchipelagoError, CheckpointError, ConfigError, DataError, Preempted
 from archipelago.experts import checkpoint as ckpt
 from archipelago.experts.callbacks import JsonlMetricsCallback, RichProgressCallback, TrainCallback
 from archipelago.experts.parallelize import apply_strategy, micro_batch_size, world
+from archipelago.experts.reliability import NonFiniteGuard, PreemptionHandler, agree, params_finite
 
 log = logging.getLogger(__name__)
 
@@ -169,6 +170,7 @@ def train_expert(cfg: ArchipelagoConfig, shard: int, data_url: str, out_url: str
 
     # ---- distributed setup -------------------------------------------------------------------------
     created_group, device = setup_distributed(ecfg.strategy)
+    stack = contextlib.ExitStack()
     try:
         rank, world_size = world()
         if ecfg.strategy == "single" and world_size > 1:
@@ -256,45 +258,74 @@ def train_expert(cfg: ArchipelagoConfig, shard: int, data_url: str, out_url: str
         wrapped.module.train()
         amp = autocast(device, ecfg.precision)
         loss_sum = torch.zeros((), device=device)
-        window_steps, window_t0 = 0, time.perf_counter()
+        window_steps, window_good, window_t0 = 0, 0, time.perf_counter()
         loop_s = ckpt_s = 0.0
         steps_timed = 0
         final_loss = float("nan")
         metrics: dict[str, float] = {}
+        what = f"expert {shard} ({out_url})"
+        guard = NonFiniteGuard(ecfg.on_nonfinite, ecfg.max_nonfinite_skips, what, "expert.on_nonfinite")
+        guard.last_good = resume_url
+        preempt = stack.enter_context(PreemptionHandler(ecfg.preempt_grace_s, what))
+        preempt.last_checkpoint = resume_url
+        skip_mode = ecfg.on_nonfinite == "skip"
         for step in range(start_step + 1, last + 1):
             lr = lr_at(step - 1, ecfg)
             wrapped.set_lr(lr)
+            step_loss = torch.zeros((), device=device)
             for m in range(ecfg.grad_accum):
                 idx = sampler.indices((step - 1) * ecfg.grad_accum + m, micro)
                 with amp:
                     loss = flow_matching_loss(wrapped.module, images[idx], labels[idx], generator=noise)
                 wrapped.backward(loss, sync=m == ecfg.grad_accum - 1)
-                loss_sum += loss.detach()
-            grad_norm = wrapped.step()
-            wrapped.update_ema(ema)
+                step_loss += loss.detach()
+            grad_norm = wrapped.step(skip_nonfinite=skip_mode)
+
+            # Divergence and preemption, decided alike on every rank (one tiny all-reduce per step); the
+            # weights are checked too before anything is written from them.
+            saving = step == total or (step < total and (step % ecfg.checkpoint_every == 0 or step == 1))
+            loss_bad, preempted, weights_bad = agree(
+                [float(not bool(torch.isfinite(step_loss))), float(preempt.requested),
+                 float((saving or preempt.requested) and not params_finite([wrapped.module]))], device)
+            good = guard.check(step, float("nan") if loss_bad else float(step_loss) / ecfg.grad_accum,
+                               float(grad_norm), weights_ok=not weights_bad)
+            if good:
+                wrapped.update_ema(ema)
+                loss_sum += step_loss
+                window_good += 1
             window_steps += 1
 
             if step % ecfg.log_every == 0 or step == last:
-                mean_loss = _mean_over_ranks(loss_sum) / (window_steps * ecfg.grad_accum)
+                mean_loss = _mean_over_ranks(loss_sum) / (max(1, window_good) * ecfg.grad_accum) \
+                    if window_good else float("nan")
                 elapsed = time.perf_counter() - window_t0
                 loop_s, steps_timed = loop_s + elapsed, steps_timed + window_steps
                 metrics = {"loss": mean_loss, "lr": lr, "grad_norm": float(grad_norm),
                            "samples_per_s": window_steps * ecfg.batch_size / elapsed,
                            "step_time_s": elapsed / window_steps}
+                if skip_mode:
+                    metrics["nonfinite_skipped"] = float(guard.skipped)
                 final_loss = mean_loss
                 for cb in callbacks:
                     cb.on_step(step, metrics)
                 loss_sum.zero_()
-                window_steps, window_t0 = 0, time.perf_counter()
+                window_steps, window_good, window_t0 = 0, 0, time.perf_counter()
 
-            # Periodic checkpoint; also at step 1, so a bad store or strategy fails in seconds, not hours.
-            if step < total and (step % ecfg.checkpoint_every == 0 or step == 1):
+            # Periodic checkpoint; also at step 1, so a bad store or strategy fails in seconds, not hours;
+            # and on SIGTERM, the step that just finished (a resume then loses no step).
+            periodic = step < total and (step % ecfg.checkpoint_every == 0 or step == 1)
+            if periodic or (preempted and step < last):
                 t0 = time.perf_counter()
                 url = manager.save(step, wrapped, ema, rng=rng_state(noise), metrics=metrics)
+                guard.last_good = preempt.last_checkpoint = url
                 for cb in callbacks:
                     cb.on_checkpoint(step, url)
                 ckpt_s += time.perf_counter() - t0
                 window_t0 += time.perf_counter() - t0      # checkpoint time is not step time
+            if preempted and step < last:
+                raise Preempted(f"{what}: SIGTERM; step {step} checkpointed {preempt.elapsed():.2f}s after the "
+                                f"signal ({preempt.last_checkpoint}); run the same command to resume at step "
+                                f"{step + 1} (exit {PREEMPTED_EXIT})")
 
         # ---- final checkpoint --------------------------------------------------------------------------
         final_url = None
@@ -317,6 +348,7 @@ def train_expert(cfg: ArchipelagoConfig, shard: int, data_url: str, out_url: str
             dist.barrier()   # no rank tears the group down while a peer still talks to it (gloo aborts)
         return result
     finally:
+        stack.close()
         if created_group and dist.is_initialized():
             dist.destroy_process_group()
 
@@ -394,8 +426,8 @@ def main(argv: list[str] | None = None) -> int:
         result = train_expert(cfg, args.shard, args.data, args.out, callbacks=cbs, resume=not args.no_resume,
                               max_steps=args.max_steps)
     except ArchipelagoError as exc:
-        print(f"error: {storage.redact(str(exc))}", file=sys.stderr)
-        return 2
+        print(f"{exc.label}: {storage.redact(str(exc))}", file=sys.stderr)
+        return exc.exit_code
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"done: steps={result['steps']} final_loss={result['final_loss']:.4f} "
               f"samples/s={result['samples_per_s']:.1f} final={result['final_checkpoint']}", file=sys.stderr)

@@ -30,6 +30,7 @@ from archipelago.errors import CheckpointError, StorageError
 from archipelago.experts.callbacks import TrainCallback
 from archipelago.experts.checkpoint import read_meta_json
 from archipelago.experts.flow import interpolate
+from archipelago.experts.reliability import NonFiniteGuard, params_finite
 from archipelago.router.metrics import evaluate_router
 from archipelago.router.model import Router, build_router
 
@@ -120,6 +121,7 @@ def train_router(cfg: ArchipelagoConfig, data_url: str, out_url: str, callbacks:
     loss_sum, correct, seen, window, t0 = 0.0, 0.0, 0, 0, time.perf_counter()
     final_loss = float("nan")
     n_train = x_train.shape[0]
+    guard = NonFiniteGuard(rcfg.on_nonfinite, rcfg.max_nonfinite_skips, f"router ({out_url})", "router.on_nonfinite")
     for step in range(1, total + 1):
         lr = _lr_at(step - 1, total, rcfg.lr, warmup)
         for group in opt.param_groups:
@@ -132,7 +134,15 @@ def train_router(cfg: ArchipelagoConfig, data_url: str, out_url: str, callbacks:
         loss = F.cross_entropy(logits.float(), c_train[idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        opt.step()
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(router.parameters(), float("inf")))
+        if not guard.check(step, float(loss.detach()), grad_norm):
+            continue                                         # skipped (router.on_nonfinite=skip)
+        try:
+            opt.step()
+        except RuntimeError as exc:   # an LR so large that Adam's step size overflows float32
+            if "overflow" not in str(exc):
+                raise
+            guard.check(step, float(loss.detach()), float("inf"), weights_ok=False)
         loss_sum += float(loss.detach())
         correct += float((logits.argmax(1) == c_train[idx]).float().sum())
         seen += x0.shape[0]
@@ -147,6 +157,8 @@ def train_router(cfg: ArchipelagoConfig, data_url: str, out_url: str, callbacks:
             loss_sum, correct, seen, window, t0 = 0.0, 0.0, 0, 0, time.perf_counter()
 
     # ---- metrics on the held-out split, then the checkpoint (meta.json last) ---------------------------
+    guard.check(total, final_loss if window == 0 else loss_sum / window, 0.0,
+                weights_ok=params_finite([router]))   # never publish non-finite weights
     router.eval()
     metrics = evaluate_router(router, images[eval_idx], classes[eval_idx], cluster_ids[eval_idx],
                               t_bins=rcfg.t_bins, sample_steps=cfg.expert.sample_steps, seed=rcfg.seed + 1)
