@@ -249,6 +249,13 @@ def connect_ray(address: str | None = None, hint: str = "check RAY_ADDRESS", tim
     if ray.is_initialized():
         return False
     target = address or os.environ.get("RAY_ADDRESS") or None
+    if target is None:
+        stale = stale_bootstrap(init_kwargs.get("_temp_dir"), timeout_s=min(timeout_s, 2.0))
+        if stale is not None:
+            file, recorded = stale
+            print(f"note: {file} records a Ray head at {recorded} that no longer answers (it died without "
+                  f"`ray stop`); starting a fresh local Ray instance instead", file=sys.stderr, flush=True)
+            target = "local"
     where = redact_address(target) or "a new local instance"
     advice = f"{hint}, or start a local head with `archipelago cluster up`"
     if target and target not in ("auto", "local") and "://" not in target:
@@ -262,6 +269,33 @@ def connect_ray(address: str | None = None, hint: str = "check RAY_ADDRESS", tim
     except Exception as exc:  # noqa: BLE001 - ConnectionError, RuntimeError, ValueError from ray.init
         raise ClusterError(f"cannot start or reach Ray ({where}): {failure_line(exc)}; {advice}") from None
     return True
+
+
+def stale_bootstrap(temp_dir: str | None = None, timeout_s: float = 2.0) -> tuple[str, str] | None:
+    """(file, address) when Ray's bootstrap file (<RAY_TMPDIR or /tmp>/ray/ray_current_cluster, written by
+    `ray start`) names a head where nothing answers; None when there is no file or the head is up.
+
+    `ray.init()` with no address connects to that address and, when the head died without `ray stop`
+    (killed, OOM, a crash), retries its dead GCS for minutes with no message of ours.
+    """
+    try:
+        from ray._common.utils import get_ray_address_file   # where this Ray version reads it from
+        file = get_ray_address_file(temp_dir)
+    except ImportError:
+        root = os.environ.get("RAY_TMPDIR") or os.environ.get("TMPDIR") or "/tmp"
+        file = os.path.join(temp_dir or os.path.join(root, "ray"), "ray_current_cluster")
+    try:
+        recorded = Path(file).read_text().strip()
+    except OSError:
+        return None
+    host, _, port = recorded.rpartition(":")
+    try:
+        socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout_s).close()
+        return None
+    except ValueError:
+        return (file, recorded) if recorded else None
+    except OSError:
+        return file, recorded
 
 
 def _last_line(text: str) -> str:
