@@ -171,6 +171,9 @@ def train_expert(cfg: ArchipelagoConfig, shard: int, data_url: str, out_url: str
     # ---- distributed setup -------------------------------------------------------------------------
     created_group, device = setup_distributed(ecfg.strategy)
     stack = contextlib.ExitStack()
+    what = f"expert {shard} ({out_url})"
+    # From here a SIGTERM (preemption) is remembered, not fatal: the first step that finishes is checkpointed.
+    preempt = stack.enter_context(PreemptionHandler(ecfg.preempt_grace_s, what))
     try:
         rank, world_size = world()
         if ecfg.strategy == "single" and world_size > 1:
@@ -263,11 +266,8 @@ def train_expert(cfg: ArchipelagoConfig, shard: int, data_url: str, out_url: str
         steps_timed = 0
         final_loss = float("nan")
         metrics: dict[str, float] = {}
-        what = f"expert {shard} ({out_url})"
         guard = NonFiniteGuard(ecfg.on_nonfinite, ecfg.max_nonfinite_skips, what, "expert.on_nonfinite")
-        guard.last_good = resume_url
-        preempt = stack.enter_context(PreemptionHandler(ecfg.preempt_grace_s, what))
-        preempt.last_checkpoint = resume_url
+        guard.last_good = preempt.last_checkpoint = resume_url
         skip_mode = ecfg.on_nonfinite == "skip"
         for step in range(start_step + 1, last + 1):
             lr = lr_at(step - 1, ecfg)
