@@ -141,6 +141,41 @@ def write_bytes(url: str, data: bytes) -> str:
     return digest
 
 
+def create_exclusive(url: str, data: bytes) -> bool:
+    """Write `data` to `url` only if nothing is there; False if it exists. Atomic where the store allows:
+    locally a complete temp file hard-linked into place (link() fails if the name exists); on S3 a
+    conditional PUT (If-None-Match: *; AWS S3, MinIO and moto >= 5 honour it — a store that ignores the
+    header would overwrite, see SECURITY.md). Other fsspec stores: check, then write (not atomic)."""
+    with _errors(url, "create"):
+        if is_local(url):
+            dst = local_path(url)
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent)
+            try:
+                with os.fdopen(fd, "wb") as fh:
+                    fh.write(data)
+                    fh.flush()
+                    os.fsync(fh.fileno())
+                os.link(tmp, dst)
+                return True
+            except FileExistsError:
+                return False
+            finally:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(tmp)
+        fs, path = filesystem(url)
+        if scheme(url) in ("s3", "s3a"):
+            try:
+                fs.pipe_file(path, data, mode="create")
+                return True
+            except FileExistsError:
+                return False
+        if fs.exists(path):
+            return False
+        fs.pipe_file(path, data)
+        return True
+
+
 def read_bytes(url: str) -> bytes:
     with _errors(url, "read"):
         if is_local(url):

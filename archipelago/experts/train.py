@@ -24,7 +24,7 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,11 +33,13 @@ import torch.distributed as dist
 
 from archipelago import storage
 from archipelago.config import ArchipelagoConfig, ExpertConfig
-from archipelago.errors import PREEMPTED_EXIT, ArchipelagoError, CheckpointError, ConfigError, DataError, Preempted
+from archipelago.errors import (PREEMPTED_EXIT, ArchipelagoError, CheckpointError, ConfigError, DataError, LeaseError,
+                               Preempted)
 from archipelago.experts import checkpoint as ckpt
 from archipelago.experts.callbacks import JsonlMetricsCallback, RichProgressCallback, TrainCallback
 from archipelago.experts.parallelize import apply_strategy, micro_batch_size, world
 from archipelago.experts.reliability import NonFiniteGuard, PreemptionHandler, agree, params_finite
+from archipelago.lease import RunLease
 
 log = logging.getLogger(__name__)
 
@@ -149,13 +151,15 @@ def _mean_over_ranks(value: torch.Tensor) -> float:
 
 def train_expert(cfg: ArchipelagoConfig, shard: int, data_url: str, out_url: str,
                  callbacks: Iterable[TrainCallback] = (), resume: bool = True,
-                 max_steps: int | None = None) -> dict[str, Any]:
+                 max_steps: int | None = None, lease_wait_s: float = 0.0) -> dict[str, Any]:
     """Train expert `shard` on `data_url`'s shard, writing checkpoints and metrics.jsonl under `out_url`.
 
     resume: continue from the newest complete checkpoint under out_url (a finished run with the same
         config returns its result at once, with "cached": True); False deletes out_url's checkpoints
         and starts over.
     max_steps: stop after this step without a final checkpoint (simulates an interruption).
+    lease_wait_s: how long to wait for another live writer's lease on out_url to end (0: fail at once
+        with one line naming it; Ray restarts of an island wait out a dead holder's ttl).
     callbacks: TrainCallback hooks, called on every rank (a JsonlMetricsCallback writing
         out_url/metrics.jsonl always runs first).
     Returns {final_checkpoint (URL or None), steps, start_step, final_loss, samples_per_s (checkpoint time
@@ -203,14 +207,7 @@ def train_expert(cfg: ArchipelagoConfig, shard: int, data_url: str, out_url: str
         # ---- resume: a finished run is returned as is; otherwise weights go in before wrapping, so every
         #      strategy shards / partitions the restored weights ------------------------------------------
         resume_url, resume_meta = None, None
-        if not resume:
-            # Starting over: checkpoints of an earlier run must not be mistaken for this run's later.
-            if rank == 0:
-                for name in ("checkpoints", "final"):
-                    storage.remove(storage.join(out_url, name), recursive=True)
-            if world_size > 1:
-                dist.barrier()
-        else:
+        if resume:
             # Rank 0 decides and tells the others, so all ranks resume from the same checkpoint.
             found = None
             if rank == 0:
@@ -236,8 +233,25 @@ def train_expert(cfg: ArchipelagoConfig, shard: int, data_url: str, out_url: str
             if start_step > ecfg.steps:
                 raise CheckpointError(f"{resume_url}: step {start_step} is beyond expert.steps={ecfg.steps}; "
                                       f"raise expert.steps or use another output URL")
-            if rank == 0:
-                log.info("resuming from %s (step %d)", resume_url, start_step)
+
+        # ---- one writer per run directory: rank 0 takes the lease (its attempt number is the fencing
+        #      token in every meta.json), then clears what a killed writer left -----------------------------
+        lease_or_error = None
+        if rank == 0:
+            try:
+                lease = stack.enter_context(_held(RunLease.acquire(out_url, ecfg.lease_ttl_s, what, lease_wait_s)))
+                manager.lease, lease_or_error = lease, lease.token
+                if not resume:   # starting over: an earlier run's checkpoints must not pass for this run's
+                    for name in ("checkpoints", "final"):
+                        storage.remove(storage.join(out_url, name), recursive=True)
+                manager.clean_stale()
+            except LeaseError as exc:
+                lease_or_error = str(exc)
+        lease_or_error = _from_rank0(lease_or_error)
+        if isinstance(lease_or_error, str):
+            raise LeaseError(lease_or_error)
+        if rank == 0 and resume_url is not None:
+            log.info("resuming from %s (step %d)", resume_url, start_step)
 
         # ---- strategy ----------------------------------------------------------------------------------
         wrapped = apply_strategy(model, ecfg, device)
@@ -255,7 +269,7 @@ def train_expert(cfg: ArchipelagoConfig, shard: int, data_url: str, out_url: str
         last = total if max_steps is None else min(total, max_steps)
         info = {"rank": rank, "world_size": world_size, "strategy": ecfg.strategy, "start_step": start_step,
                 "total_steps": total, "out_url": out_url, "config": cfg, "shard": shard,
-                "model": wrapped.module, "ema": ema}
+                "model": wrapped.module, "ema": ema, "lease": manager.lease}
         for cb in callbacks:
             cb.on_start(info)
         wrapped.module.train()
@@ -351,6 +365,16 @@ def train_expert(cfg: ArchipelagoConfig, shard: int, data_url: str, out_url: str
         stack.close()
         if created_group and dist.is_initialized():
             dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def _held(lease: RunLease) -> Iterator[RunLease]:
+    """Release the lease however the run ends (done, diverged, preempted, failed): a resume or a rerun then
+    takes over at once instead of waiting out the ttl."""
+    try:
+        yield lease
+    finally:
+        lease.release()
 
 
 def _build_model(ecfg: ExpertConfig, image_shape: list[int], num_classes: int) -> torch.nn.Module:

@@ -182,7 +182,9 @@ def island_train_fn(config: dict[str, Any]) -> None:
     if rank == 0:
         storage.remove(storage.join(out_url, DIVERGED_FILE))
     try:
-        train_expert(cfg, shard, config["data_url"], out_url, callbacks=callbacks, resume=True)
+        # A restarted worker group waits out the lease of an attempt that died on another node.
+        train_expert(cfg, shard, config["data_url"], out_url, callbacks=callbacks, resume=True,
+                     lease_wait_s=1.5 * cfg.expert.lease_ttl_s)
     except DivergenceError as exc:
         if rank == 0:
             storage.write_json(storage.join(out_url, DIVERGED_FILE), {"error": str(exc), "time": time.time()})
