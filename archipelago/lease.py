@@ -33,6 +33,7 @@ from archipelago.errors import LeaseError, StorageError
 log = logging.getLogger(__name__)
 
 LEASE_DIR = "lease"
+ROUTER = "router"           # the name of a router's output (meta.json at the run root) in `inherited`
 _PREFIX = "attempt-"
 
 
@@ -110,9 +111,11 @@ def is_valid(rec: LeaseRecord | None, name: str, token: int | None) -> bool:
     return name in rec.inherited and rec.inherited[name] == token
 
 
-def fenced_out(ckpt_url: str, meta: dict[str, Any], rec: LeaseRecord | None = None) -> str | None:
-    """Why a checkpoint must not be used (a stale attempt published it after a takeover), or None."""
-    where = run_and_name(ckpt_url)
+def fenced_out(ckpt_url: str, meta: dict[str, Any], rec: LeaseRecord | None = None,
+               where: tuple[str, str] | None = None) -> str | None:
+    """Why a checkpoint must not be used (a stale attempt published it after a takeover), or None.
+    where: (run URL, name) when the layout is not an expert run's (the router: (out_url, "router"))."""
+    where = where or run_and_name(ckpt_url)
     if where is None:
         return None
     run_url, name = where
@@ -128,8 +131,8 @@ def _inheritance(run_url: str, rec: LeaseRecord | None) -> dict[str, int | None]
     """Checkpoints valid under `rec` right now: what a new attempt taking over from it inherits."""
     names = [f"checkpoints/{n}" for n in storage.listdir(storage.join(run_url, "checkpoints"))] + ["final"]
     out: dict[str, int | None] = {}
-    for name in names:
-        url = storage.join(run_url, name, "meta.json")
+    for name in [*names, ROUTER]:
+        url = storage.join(run_url, "meta.json") if name == ROUTER else storage.join(run_url, name, "meta.json")
         try:
             if not storage.exists(url):
                 continue
@@ -217,6 +220,12 @@ class RunLease:
             self._lost = (f"{self.what}: attempt {self.token} lost the lease of {self.run_url} to attempt "
                           f"{cur.attempt} ({cur.host} pid {cur.pid}); this stale attempt stops without publishing")
         return self._lost
+
+    def __enter__(self) -> RunLease:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
 
     def still_mine(self) -> bool:
         """Cheap check before a small write (a metrics line): trusts the lease while it has not expired by our

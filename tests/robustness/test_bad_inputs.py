@@ -356,7 +356,8 @@ def _n_expert(lr: str):
 
 def _n_router(a, ws, ctx):
     return Run(["train-router", "--config", str(a.config), "--data", str(a.data), "--out", str(ws / "router"),
-                "--set", "router.lr=1e38"], absent=[ws / "router"], unchanged=[a.data])
+                "--set", "router.lr=1e38"], absent=[ws / "router" / "meta.json", ws / "router" / "router.safetensors"],
+               unchanged=[a.data])
 
 
 CASES = [
