@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from archipelago import storage
+from archipelago.cluster.local import pid_alive
 from archipelago.errors import LeaseError, StorageError
 
 log = logging.getLogger(__name__)
@@ -71,19 +72,9 @@ def holder(run_url: str) -> LeaseRecord | None:
     return None
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _free(rec: LeaseRecord, now: float) -> bool:
     return (rec.released or rec.expires_at < now
-            or (rec.host == socket.gethostname() and rec.pid != os.getpid() and not _pid_alive(rec.pid)))
+            or (rec.host == socket.gethostname() and rec.pid != os.getpid() and not pid_alive(rec.pid)))
 
 
 # ----------------------------------------------------------------------------------------------------

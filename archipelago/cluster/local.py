@@ -54,7 +54,8 @@ def _ray_exe() -> str:
     return exe
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` exists on this host (a zombie child of ours counts as dead)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -98,7 +99,7 @@ def cluster_up(num_cpus: int | None = None, port: int = 6379, dashboard_port: in
     extra_args: more `ray start` flags, e.g. ["--ray-client-server-port=10002"] next to another head."""
     p = state_path(state_file)
     head = read_state(p)
-    if head is not None and _alive(head.pid) and dashboard_up(head.dashboard_url):
+    if head is not None and pid_alive(head.pid) and dashboard_up(head.dashboard_url):
         return head, False
     n = int(num_cpus or os.cpu_count() or 1)
     log_dir = Path(temp_dir or p.parent)
@@ -176,7 +177,7 @@ def cluster_status(address: str | None = None, state_file: str | Path | None = N
         head = read_state(state_file)
         if head is None:
             return _ray_status(None)
-        if not _alive(head.pid):
+        if not pid_alive(head.pid):
             return f"local Ray head (pid {head.pid}) is not running; start it with `archipelago cluster up`"
         return (f"local Ray head: pid {head.pid}, address {head.gcs_address}, dashboard {head.dashboard_url}, "
                 f"{head.num_cpus} CPUs\n" + _ray_status(head.gcs_address))
@@ -207,7 +208,7 @@ def cluster_down(state_file: str | Path | None = None, timeout: float = 30.0) ->
     head = read_state(p)
     if head is None:
         return None
-    if _alive(head.pid):
+    if pid_alive(head.pid):
         _stop_group(head.pid, timeout)
     p.unlink(missing_ok=True)
     return head
@@ -226,7 +227,7 @@ def _stop_group(pid: int, timeout: float) -> None:
     except ProcessLookupError:
         return
     deadline = time.time() + timeout
-    while time.time() < deadline and _alive(pid):
+    while time.time() < deadline and pid_alive(pid):
         time.sleep(0.2)
     try:
         os.killpg(pid, signal.SIGKILL)  # the group is ours: start_new_session made pid its leader

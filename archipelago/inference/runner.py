@@ -10,7 +10,6 @@ import functools
 import itertools
 import os
 import resource
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -23,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from archipelago.errors import ArchipelagoError, ConfigError
+from archipelago.experts.train import _exit as rank_exit  # noqa: F401 - torchrun ranks exit the same way
 from archipelago.experts.sampling import SAMPLERS, euler_step, guided_velocity, heun_step, timesteps
 from archipelago.inference.comm import Comm
 from archipelago.inference.config import Mode, ParallelConfig, experts_for_rank
@@ -142,20 +142,6 @@ def close_group(ok: bool) -> None:
     if ok and dist.get_world_size() > 1:
         dist.barrier()
     dist.destroy_process_group()
-
-
-def rank_exit(code: int) -> None:
-    """Exit a torchrun rank: flush, then skip interpreter teardown when there are several ranks. The group is
-    closed and every file written atomically by now; tearing down gloo's C++ state at interpreter exit,
-    while a peer exits too, is what aborts under load, turning a finished run into "exit -6"."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        import logging
-
-        logging.shutdown()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
-    sys.exit(code)
 
 
 def rank_error_line(exc: BaseException) -> str:
