@@ -24,7 +24,7 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -239,7 +239,8 @@ def train_expert(cfg: ArchipelagoConfig, shard: int, data_url: str, out_url: str
         lease_or_error = None
         if rank == 0:
             try:
-                lease = stack.enter_context(_held(RunLease.acquire(out_url, ecfg.lease_ttl_s, what, lease_wait_s)))
+                # released however the run ends (done, diverged, preempted, failed): a resume takes over at once
+                lease = stack.enter_context(RunLease.acquire(out_url, ecfg.lease_ttl_s, what, lease_wait_s))
                 manager.lease, lease_or_error = lease, lease.token
                 if not resume:   # starting over: an earlier run's checkpoints must not pass for this run's
                     for name in ("checkpoints", "final"):
@@ -310,8 +311,8 @@ def train_expert(cfg: ArchipelagoConfig, shard: int, data_url: str, out_url: str
             window_steps += 1
 
             if step % ecfg.log_every == 0 or step == last:
-                mean_loss = _mean_over_ranks(loss_sum) / (max(1, window_good) * ecfg.grad_accum) \
-                    if window_good else float("nan")
+                mean_loss = (_mean_over_ranks(loss_sum) / (window_good * ecfg.grad_accum) if window_good
+                             else float("nan"))                 # every step of the window skipped
                 elapsed = time.perf_counter() - window_t0
                 loop_s, steps_timed = loop_s + elapsed, steps_timed + window_steps
                 metrics = {"loss": mean_loss, "lr": lr, "grad_norm": float(grad_norm),
@@ -365,16 +366,6 @@ def train_expert(cfg: ArchipelagoConfig, shard: int, data_url: str, out_url: str
         stack.close()
         if created_group and dist.is_initialized():
             dist.destroy_process_group()
-
-
-@contextlib.contextmanager
-def _held(lease: RunLease) -> Iterator[RunLease]:
-    """Release the lease however the run ends (done, diverged, preempted, failed): a resume or a rerun then
-    takes over at once instead of waiting out the ttl."""
-    try:
-        yield lease
-    finally:
-        lease.release()
 
 
 def _build_model(ecfg: ExpertConfig, image_shape: list[int], num_classes: int) -> torch.nn.Module:
