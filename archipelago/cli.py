@@ -603,8 +603,8 @@ def main() -> None:
 
         line = " ".join(redact(str(exc)).split("\n"))
         # escape: a path like runs/[exp1]/cfg.yaml is the culprit to name, not rich markup to swallow
-        console.print(f"[bold red]error:[/] {escape(line)}", highlight=False, soft_wrap=True)
-        sys.exit(2)
+        console.print(f"[bold red]{exc.label}:[/] {escape(line)}", highlight=False, soft_wrap=True)
+        sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         console.print("interrupted", highlight=False)
         sys.exit(130)

@@ -77,6 +77,16 @@ class ExpertConfig(_Section):
     keep_checkpoints: int = Field(2, ge=1, description="Periodic checkpoints kept (the final one always is).")
     log_every: int = Field(10, ge=1, description="Steps between metric reports.")
     seed: int = Field(0, description="Global seed; rank r uses seed * world_size + r.")
+    # --- reliability ---
+    on_nonfinite: Literal["stop", "skip"] = Field(
+        "stop", description="A non-finite loss or grad norm: stop the island (no final checkpoint) or skip "
+                            "that optimizer step (at most max_nonfinite_skips times, then stop).")
+    max_nonfinite_skips: int = Field(10, ge=0, description="Skipped non-finite steps tolerated per run "
+                                                           "(on_nonfinite=skip).")
+    preempt_grace_s: float = Field(25.0, gt=0, description="After SIGTERM (preemption): finish the step, "
+                                   "checkpoint and exit within this many seconds.")
+    lease_ttl_s: float = Field(60.0, ge=2, description="The run-directory lease expires this long after its "
+                               "last heartbeat (renewed every ttl/3); then another attempt may take over.")
     # --- sampling ---
     sampler: Literal["euler", "heun"] = Field("euler", description="ODE solver for sampling.")
     sample_steps: int = Field(32, ge=1, description="Sampler steps.")
@@ -102,6 +112,10 @@ class RouterConfig(_Section):
     lr: float = Field(1e-3, gt=0, description="Learning rate (AdamW).")
     t_bins: int = Field(5, ge=1, description="Bins of t used to report accuracy/calibration.")
     seed: int = Field(0, description="Seed.")
+    on_nonfinite: Literal["stop", "skip"] = Field(
+        "stop", description="A non-finite loss or grad norm: stop (no router written) or skip that step "
+                            "(at most max_nonfinite_skips times, then stop).")
+    max_nonfinite_skips: int = Field(10, ge=0, description="Skipped non-finite steps tolerated (skip).")
 
 
 class IslandSpec(_Section):

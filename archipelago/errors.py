@@ -4,7 +4,11 @@ from __future__ import annotations
 
 
 class ArchipelagoError(Exception):
-    """Base class: a user-facing error with a one-line message."""
+    """Base class: a user-facing error with a one-line message; the CLI prints `<label>: <message>` and exits
+    with `exit_code`."""
+
+    exit_code = 2
+    label = "error"
 
 
 class ConfigError(ArchipelagoError):
@@ -25,6 +29,24 @@ class CheckpointError(ArchipelagoError):
 
 class EnsembleError(ArchipelagoError):
     """Experts/router/manifest that do not belong together."""
+
+
+class DivergenceError(ArchipelagoError):
+    """A non-finite loss or gradient norm: the run stopped without publishing a final checkpoint."""
+
+
+class LeaseError(ArchipelagoError):
+    """Another live trainer holds the run directory, or this attempt's lease was taken over (fenced off)."""
+
+
+PREEMPTED_EXIT = 75   # sysexits EX_TEMPFAIL: "try again later" -- the run checkpointed and can be resumed
+
+
+class Preempted(ArchipelagoError):
+    """SIGTERM (spot/preemptible node): the run checkpointed its last step and exits to be resumed."""
+
+    exit_code = PREEMPTED_EXIT
+    label = "preempted"
 
 
 class NotYetImplemented(ArchipelagoError):

@@ -105,6 +105,22 @@ def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def _place_local(dst: Path, data: bytes, place: Any) -> None:
+    """Write a complete, fsynced temp file beside `dst`, then `place(tmp, dst)` it (os.replace: overwrite;
+    os.link: only if `dst` does not exist) and drop the temp name."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        place(tmp, dst)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+
+
 def write_bytes(url: str, data: bytes) -> str:
     """Atomically write `data` to `url`; returns its sha256.
 
@@ -114,19 +130,7 @@ def write_bytes(url: str, data: bytes) -> str:
     digest = sha256_bytes(data)
     with _errors(url, "write"):
         if is_local(url):
-            dst = local_path(url)
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent)
-            try:
-                with os.fdopen(fd, "wb") as fh:
-                    fh.write(data)
-                    fh.flush()
-                    os.fsync(fh.fileno())
-                os.replace(tmp, dst)
-            except BaseException:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(tmp)
-                raise
+            _place_local(local_path(url), data, os.replace)
         else:
             fs, path = filesystem(url)
             if scheme(url) in ("s3", "s3a"):
@@ -139,6 +143,31 @@ def write_bytes(url: str, data: bytes) -> str:
                 fs.pipe_file(tmp, data)
                 fs.mv(tmp, path)
     return digest
+
+
+def create_exclusive(url: str, data: bytes) -> bool:
+    """Write `data` to `url` only if nothing is there; False if it exists. Atomic where the store allows:
+    locally a complete temp file hard-linked into place (link() fails if the name exists); on S3 a
+    conditional PUT (If-None-Match: *; AWS S3, MinIO and moto >= 5 honour it — a store that ignores the
+    header would overwrite, see SECURITY.md). Other fsspec stores: check, then write (not atomic)."""
+    with _errors(url, "create"):
+        if is_local(url):
+            try:
+                _place_local(local_path(url), data, os.link)
+                return True
+            except FileExistsError:
+                return False
+        fs, path = filesystem(url)
+        if scheme(url) in ("s3", "s3a"):
+            try:
+                fs.pipe_file(path, data, mode="create")
+                return True
+            except FileExistsError:
+                return False
+        if fs.exists(path):
+            return False
+        fs.pipe_file(path, data)
+        return True
 
 
 def read_bytes(url: str) -> bytes:

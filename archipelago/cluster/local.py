@@ -54,7 +54,8 @@ def _ray_exe() -> str:
     return exe
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` exists on this host (a zombie child of ours counts as dead)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -98,7 +99,7 @@ def cluster_up(num_cpus: int | None = None, port: int = 6379, dashboard_port: in
     extra_args: more `ray start` flags, e.g. ["--ray-client-server-port=10002"] next to another head."""
     p = state_path(state_file)
     head = read_state(p)
-    if head is not None and _alive(head.pid) and dashboard_up(head.dashboard_url):
+    if head is not None and pid_alive(head.pid) and dashboard_up(head.dashboard_url):
         return head, False
     n = int(num_cpus or os.cpu_count() or 1)
     log_dir = Path(temp_dir or p.parent)
@@ -176,7 +177,7 @@ def cluster_status(address: str | None = None, state_file: str | Path | None = N
         head = read_state(state_file)
         if head is None:
             return _ray_status(None)
-        if not _alive(head.pid):
+        if not pid_alive(head.pid):
             return f"local Ray head (pid {head.pid}) is not running; start it with `archipelago cluster up`"
         return (f"local Ray head: pid {head.pid}, address {head.gcs_address}, dashboard {head.dashboard_url}, "
                 f"{head.num_cpus} CPUs\n" + _ray_status(head.gcs_address))
@@ -207,7 +208,7 @@ def cluster_down(state_file: str | Path | None = None, timeout: float = 30.0) ->
     head = read_state(p)
     if head is None:
         return None
-    if _alive(head.pid):
+    if pid_alive(head.pid):
         _stop_group(head.pid, timeout)
     p.unlink(missing_ok=True)
     return head
@@ -226,7 +227,7 @@ def _stop_group(pid: int, timeout: float) -> None:
     except ProcessLookupError:
         return
     deadline = time.time() + timeout
-    while time.time() < deadline and _alive(pid):
+    while time.time() < deadline and pid_alive(pid):
         time.sleep(0.2)
     try:
         os.killpg(pid, signal.SIGKILL)  # the group is ours: start_new_session made pid its leader
@@ -249,6 +250,13 @@ def connect_ray(address: str | None = None, hint: str = "check RAY_ADDRESS", tim
     if ray.is_initialized():
         return False
     target = address or os.environ.get("RAY_ADDRESS") or None
+    if target is None:
+        stale = stale_bootstrap(init_kwargs.get("_temp_dir"), timeout_s=min(timeout_s, 2.0))
+        if stale is not None:
+            file, recorded = stale
+            print(f"note: {file} records a Ray head at {recorded} that no longer answers (it died without "
+                  f"`ray stop`); starting a fresh local Ray instance instead", file=sys.stderr, flush=True)
+            target = "local"
     where = redact_address(target) or "a new local instance"
     advice = f"{hint}, or start a local head with `archipelago cluster up`"
     if target and target not in ("auto", "local") and "://" not in target:
@@ -262,6 +270,33 @@ def connect_ray(address: str | None = None, hint: str = "check RAY_ADDRESS", tim
     except Exception as exc:  # noqa: BLE001 - ConnectionError, RuntimeError, ValueError from ray.init
         raise ClusterError(f"cannot start or reach Ray ({where}): {failure_line(exc)}; {advice}") from None
     return True
+
+
+def stale_bootstrap(temp_dir: str | None = None, timeout_s: float = 2.0) -> tuple[str, str] | None:
+    """(file, address) when Ray's bootstrap file (<RAY_TMPDIR or /tmp>/ray/ray_current_cluster, written by
+    `ray start`) names a head where nothing answers; None when there is no file or the head is up.
+
+    `ray.init()` with no address connects to that address and, when the head died without `ray stop`
+    (killed, OOM, a crash), retries its dead GCS for minutes with no message of ours.
+    """
+    try:
+        from ray._common.utils import get_ray_address_file   # where this Ray version reads it from
+        file = get_ray_address_file(temp_dir)
+    except ImportError:
+        root = os.environ.get("RAY_TMPDIR") or os.environ.get("TMPDIR") or "/tmp"
+        file = os.path.join(temp_dir or os.path.join(root, "ray"), "ray_current_cluster")
+    try:
+        recorded = Path(file).read_text().strip()
+    except OSError:
+        return None
+    host, _, port = recorded.rpartition(":")
+    try:
+        socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout_s).close()
+        return None
+    except ValueError:
+        return (file, recorded) if recorded else None
+    except OSError:
+        return file, recorded
 
 
 def _last_line(text: str) -> str:

@@ -26,7 +26,8 @@ IslandMode = Literal["ray", "job"]
 # Fields of `expert` that change the trained weights. The rest (strategy, checkpoint cadence, logging,
 # sampling) may change between runs without making a finished expert stale.
 TRAINING_FIELDS_EXCLUDED = frozenset({"strategy", "zero_stage", "checkpoint_every", "keep_checkpoints",
-                                      "log_every", "sampler", "sample_steps", "cfg_scale"})
+                                      "log_every", "sampler", "sample_steps", "cfg_scale",
+                                      "preempt_grace_s", "lease_ttl_s"})
 
 
 def is_job_address(address: str | None) -> bool:

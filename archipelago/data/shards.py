@@ -158,7 +158,22 @@ def load_manifest(data_url: str) -> ShardManifest:
             or [s.id for s in m.shards] != list(range(m.num_clusters))
             or [s.count for s in m.shards] != m.counts or sum(m.counts) != m.num_samples):
         raise DataError(f"{url}: shards/counts do not match num_clusters={m.num_clusters}; {_RERUN}")
+    for s in m.shards:
+        check_contained(url, f"shard {s.id}", s.file)
+    if m.holdout is not None:
+        check_contained(url, "held-out split", m.holdout.file)
     return m
+
+
+def check_contained(manifest_url: str, what: str, name: str) -> None:
+    """A file named in a manifest must lie inside the data URL: a relative path without '..', no absolute
+    path, no scheme (a manifest from elsewhere must not make us read, or hash-check, any other object)."""
+    parts = name.replace("\\", "/").split("/")
+    if (not name or "://" in name or name.startswith(("/", "\\", "~")) or (len(name) > 1 and name[1] == ":")
+            or any(p in ("", ".", "..") for p in parts)):
+        raise DataError(f"{manifest_url}: {what}: file {name!r} points outside the data directory (only "
+                        f"relative paths inside it are allowed: no '..', absolute path or URL scheme); "
+                        f"{_RERUN}")
 
 
 def _shard_bytes(data_url: str, info: ShardInfo | HoldoutInfo, verify: bool) -> bytes:

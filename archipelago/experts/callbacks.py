@@ -19,7 +19,8 @@ class TrainCallback:
 
     on_start(info): once, before the first step. `info` keys: rank, world_size, strategy, start_step (0, or
         the resumed step), total_steps, out_url, config (ArchipelagoConfig), shard, model (the wrapped
-        module being trained), ema (archipelago.experts.ema.EMA; `ema.shadow` is a plain model).
+        module being trained), ema (archipelago.experts.ema.EMA; `ema.shadow` is a plain model), lease
+        (archipelago.lease.RunLease on rank 0, else None: `lease.lost` once a newer attempt took over).
     on_step(step, metrics): every `expert.log_every` optimizer steps and at the last one; `step` counts
         optimizer steps from 1; metrics: loss (mean over the steps since the last report and over ranks),
         lr, grad_norm (before clipping), samples_per_s (global samples per second of the loop, checkpoint
@@ -54,10 +55,12 @@ class JsonlMetricsCallback(TrainCallback):
     def __init__(self, url: str):
         self.url = url
         self.rank = 0
+        self.lease: Any = None      # the run's RunLease on rank 0 (info["lease"])
         self._lines: list[str] = []
 
     def on_start(self, info: dict[str, Any]) -> None:
         self.rank = int(info.get("rank", 0))
+        self.lease = info.get("lease")
         if self.rank != 0:
             return
         start = int(info.get("start_step", 0))
@@ -74,7 +77,7 @@ class JsonlMetricsCallback(TrainCallback):
         self._flush()
 
     def on_step(self, step: int, metrics: dict[str, float]) -> None:
-        if self.rank != 0:
+        if self.rank != 0 or (self.lease is not None and not self.lease.still_mine()):   # a stale attempt: no
             return
         line = json.dumps({"step": step, **metrics, "time": time.time()}, sort_keys=True)
         self._lines.append(line)

@@ -15,6 +15,8 @@ their safety are described in parallelize.py).
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -25,7 +27,7 @@ import torch.distributed as dist
 from torch import nn
 
 from archipelago import storage
-from archipelago.errors import CheckpointError, StorageError
+from archipelago.errors import CheckpointError, LeaseError, StorageError
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +38,7 @@ EMA = "ema.safetensors"
 RNG = "rng.safetensors"
 OPTIM_DIR = "optimizer"
 _STEP_PREFIX = "step-"
+_PURGING = ".purging-"          # a local checkpoint directory being deleted (never listed as a step)
 
 
 def model_classes() -> dict[str, type[nn.Module]]:
@@ -61,6 +64,15 @@ def _rank_world() -> tuple[int, int]:
 def _barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
+
+
+def _from_rank0(obj: Any) -> Any:
+    """Rank 0's `obj` on every rank (a collective; obj itself without a process group)."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+    return obj
 
 
 def _gather_objects(obj: Any) -> list[Any]:
@@ -98,12 +110,13 @@ class CheckpointManager:
     `run_meta` (config hash, model record, shard and data hashes) is merged into every meta.json.
     """
 
-    def __init__(self, run_url: str, keep: int = 2, run_meta: dict[str, Any] | None = None):
+    def __init__(self, run_url: str, keep: int = 2, run_meta: dict[str, Any] | None = None, lease: Any = None):
         if keep < 1:
             raise ValueError(f"keep={keep} must be >= 1")
         self.run_url = run_url.rstrip("/")
         self.keep = keep
         self.run_meta = dict(run_meta or {})
+        self.lease = lease     # archipelago.lease.RunLease of rank 0 (None: unfenced, e.g. other ranks)
 
     # --- layout ---
     @property
@@ -140,6 +153,10 @@ class CheckpointManager:
         t0 = time.perf_counter()
         rank, world_size = _rank_world()
         url = self.step_url(step)
+        # A stale attempt (a newer one holds the lease) touches nothing: not even another attempt's meta.json.
+        fenced = _from_rank0(self.lease.fenced() if rank == 0 and self.lease is not None else None)
+        if fenced is not None:
+            raise LeaseError(fenced)
         if rank == 0:  # a directory left by a killed writer must not look complete while we rewrite it
             storage.remove(storage.join(url, META))
         _barrier()
@@ -166,19 +183,28 @@ class CheckpointManager:
                     raise CheckpointError(f"{name}: written by two ranks with different contents")
                 files[name] = digest
 
-        # meta.json last: the commit marker.
+        # meta.json last: the commit marker -- unless a newer attempt took the run's lease (fencing).
+        fenced = None
         if rank == 0:
             meta = {**self.run_meta, "format_version": FORMAT_VERSION, "step": step, "final": final,
                     "strategy": wrapped.strategy, "world_size": world_size,
                     "zero_stage": wrapped.cfg.zero_stage if wrapped.strategy == "deepspeed" else None,
                     "files": files, "metrics": dict(metrics or {}), "created_at": time.time(),
                     "torch_version": torch.__version__}
-            storage.write_json(storage.join(url, META), meta)
-            if final:
-                self._copy(url, self.final_url, meta)
-            self.purge()
-            log.info("checkpoint step %d -> %s (%.2fs)", step, url, time.perf_counter() - t0)
-        _barrier()
+            if self.lease is not None:
+                meta["fencing_token"] = self.lease.token
+                fenced = self.lease.fenced()
+            if fenced is None:
+                storage.write_json(storage.join(url, META), meta)
+                if final:
+                    fenced = self.lease.fenced() if self.lease is not None else None
+                    if fenced is None:
+                        self._copy(url, self.final_url, meta)
+                self.purge()
+                log.info("checkpoint step %d -> %s (%.2fs)", step, url, time.perf_counter() - t0)
+        fenced = _from_rank0(fenced)           # every rank learns it (and meets here, as at a barrier)
+        if fenced is not None:
+            raise LeaseError(fenced)
         return self.final_url if final else url
 
     def _copy(self, src: str, dst: str, meta: dict[str, Any]) -> None:
@@ -186,6 +212,23 @@ class CheckpointManager:
         for name in meta["files"]:
             storage.write_bytes(storage.join(dst, name), storage.read_bytes(storage.join(src, name)))
         storage.write_json(storage.join(dst, META), meta)
+
+    def clean_stale(self) -> None:
+        """At the start of a run (lease held, so no one else writes here): delete what a killed writer left —
+        temp files of interrupted atomic writes, checkpoint directories without meta.json, and purges that
+        were cut short."""
+        for step in self.steps():
+            if not storage.exists(storage.join(self.step_url(step), META)):
+                storage.remove(self.step_url(step), recursive=True)
+                log.info("removed incomplete checkpoint step %d", step)
+        if storage.is_local(self.run_url) and storage.local_path(self.run_url).is_dir():
+            root = storage.local_path(self.run_url)
+            for path in sorted(root.rglob(".*.tmp")) + sorted(root.glob(f"checkpoints/{_PURGING}*")):
+                if path.is_dir():
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    path.unlink(missing_ok=True)
+                log.info("removed stale temporary %s", path)
 
     def purge(self) -> None:
         """Delete periodic checkpoints beyond the newest `keep`, and incomplete ones older than those.
@@ -198,8 +241,25 @@ class CheckpointManager:
         if complete:
             doomed |= {s for s in self.steps() if s < complete[-1] and s not in complete}
         for s in sorted(doomed):
-            storage.remove(self.step_url(s), recursive=True)
+            self._delete(s)
             log.debug("purged checkpoint step %d", s)
+
+    def _delete(self, step: int) -> None:
+        """Delete checkpoint `step` so that it is never seen half-deleted: locally it is first renamed out of
+        the listing (atomic); elsewhere meta.json, the commit marker, goes first (without it the rest is an
+        incomplete directory that readers ignore and clean_stale removes)."""
+        url = self.step_url(step)
+        if storage.is_local(url):
+            src = storage.local_path(url)
+            dst = src.with_name(f"{_PURGING}{src.name}")
+            try:
+                os.replace(src, dst)
+            except FileNotFoundError:
+                return
+            shutil.rmtree(dst, ignore_errors=True)
+            return
+        storage.remove(storage.join(url, META))
+        storage.remove(url, recursive=True)
 
     def _is_final(self, step: int) -> bool:
         try:
@@ -209,12 +269,19 @@ class CheckpointManager:
 
     # --- finding ---
     def latest(self) -> str | None:
-        """URL of the newest checkpoint whose meta.json exists and whose files all match their sha256."""
+        """URL of the newest checkpoint whose meta.json exists, whose files all match their sha256, and that
+        is not a stale attempt's (fencing token: see archipelago/lease.py)."""
+        from archipelago.lease import fenced_out, holder
+
+        rec = holder(self.run_url)
         for step in reversed(self.complete_steps()):
             url = self.step_url(step)
             try:
-                verify_checkpoint(url)
-                return url
+                meta = verify_checkpoint(url)
+                why = fenced_out(url, meta, rec)
+                if why is None:
+                    return url
+                log.warning("skipping checkpoint %s", why)
             except CheckpointError as exc:
                 log.warning("skipping checkpoint %s: %s", url, exc)
         return None
@@ -293,10 +360,17 @@ def verified_or_none(ckpt_url: str, then: str) -> dict[str, Any] | None:
     if not storage.exists(storage.join(ckpt_url, META)):
         return None
     try:
-        return verify_checkpoint(ckpt_url)
+        meta = verify_checkpoint(ckpt_url)
     except CheckpointError as exc:
         log.warning("%s: checkpoint does not verify (%s); %s", ckpt_url, exc, then)
         return None
+    from archipelago.lease import fenced_out
+
+    why = fenced_out(ckpt_url, meta)
+    if why is not None:
+        log.warning("%s; %s", why, then)
+        return None
+    return meta
 
 
 def download_optimizer(ckpt_url: str, meta: dict[str, Any], local_dir: Path) -> None:

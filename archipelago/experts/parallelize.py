@@ -96,16 +96,24 @@ class Wrapped:
         """
         (loss / self.cfg.grad_accum).backward()
 
-    def step(self) -> torch.Tensor:
+    def step(self, skip_nonfinite: bool = False) -> torch.Tensor:
         """Clip (if enabled), optimizer step, zero grads; returns the global grad norm before clipping.
 
-        A 0-dim tensor, not a float: converting it would synchronise with the GPU on every step.
+        skip_nonfinite: when the norm is inf/nan, drop the gradients instead of stepping (the norm is global,
+        so every rank decides alike). A 0-dim tensor, not a float: converting it would synchronise with the
+        GPU on every step.
         """
         max_norm = self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf")
-        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
-        self.optimizer.step()
+        norm = _full(torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)).detach()
+        if not (skip_nonfinite and not bool(torch.isfinite(norm))):
+            try:
+                self.optimizer.step()
+            except RuntimeError as exc:   # an LR so large that Adam's step size overflows float32
+                if "overflow" not in str(exc):
+                    raise
+                norm = torch.full_like(norm, float("inf"))
         self.optimizer.zero_grad(set_to_none=True)
-        return _full(norm).detach()
+        return norm
 
     def set_lr(self, lr: float) -> None:
         for group in self.optimizer.param_groups:
@@ -224,7 +232,8 @@ class _DeepSpeedWrapped(Wrapped):
         self.module.backward(loss)
         self.module.step()
 
-    def step(self) -> torch.Tensor:
+    def step(self, skip_nonfinite: bool = False) -> torch.Tensor:
+        # DeepSpeed stepped inside backward(); a non-finite step cannot be skipped here (the loop stops).
         norm = self.module.get_global_grad_norm()
         return _full(norm if norm is not None else float("nan")).detach()
 

@@ -33,10 +33,13 @@ import torch.distributed as dist
 
 from archipelago import storage
 from archipelago.config import ArchipelagoConfig, ExpertConfig, island_expert_config
-from archipelago.errors import ArchipelagoError, CheckpointError, ConfigError, DataError
+from archipelago.errors import (PREEMPTED_EXIT, ArchipelagoError, CheckpointError, ConfigError, DataError, LeaseError,
+                               Preempted)
 from archipelago.experts import checkpoint as ckpt
 from archipelago.experts.callbacks import JsonlMetricsCallback, RichProgressCallback, TrainCallback
 from archipelago.experts.parallelize import apply_strategy, micro_batch_size, world
+from archipelago.experts.reliability import NonFiniteGuard, PreemptionHandler, agree, params_finite
+from archipelago.lease import RunLease
 
 log = logging.getLogger(__name__)
 
@@ -148,13 +151,15 @@ def _mean_over_ranks(value: torch.Tensor) -> float:
 
 def train_expert(cfg: ArchipelagoConfig, shard: int, data_url: str, out_url: str,
                  callbacks: Iterable[TrainCallback] = (), resume: bool = True,
-                 max_steps: int | None = None) -> dict[str, Any]:
+                 max_steps: int | None = None, lease_wait_s: float = 0.0) -> dict[str, Any]:
     """Train expert `shard` on `data_url`'s shard, writing checkpoints and metrics.jsonl under `out_url`.
 
     resume: continue from the newest complete checkpoint under out_url (a finished run with the same
         config returns its result at once, with "cached": True); False deletes out_url's checkpoints
         and starts over.
     max_steps: stop after this step without a final checkpoint (simulates an interruption).
+    lease_wait_s: how long to wait for another live writer's lease on out_url to end (0: fail at once
+        with one line naming it; Ray restarts of an island wait out a dead holder's ttl).
     callbacks: TrainCallback hooks, called on every rank (a JsonlMetricsCallback writing
         out_url/metrics.jsonl always runs first).
     Returns {final_checkpoint (URL or None), steps, start_step, final_loss, samples_per_s (checkpoint time
@@ -169,6 +174,10 @@ def train_expert(cfg: ArchipelagoConfig, shard: int, data_url: str, out_url: str
 
     # ---- distributed setup -------------------------------------------------------------------------
     created_group, device = setup_distributed(ecfg.strategy)
+    stack = contextlib.ExitStack()
+    what = f"expert {shard} ({out_url})"
+    # From here a SIGTERM (preemption) is remembered, not fatal: the first step that finishes is checkpointed.
+    preempt = stack.enter_context(PreemptionHandler(ecfg.preempt_grace_s, what))
     try:
         rank, world_size = world()
         if ecfg.strategy == "single" and world_size > 1:
@@ -200,14 +209,7 @@ def train_expert(cfg: ArchipelagoConfig, shard: int, data_url: str, out_url: str
         # ---- resume: a finished run is returned as is; otherwise weights go in before wrapping, so every
         #      strategy shards / partitions the restored weights ------------------------------------------
         resume_url, resume_meta = None, None
-        if not resume:
-            # Starting over: checkpoints of an earlier run must not be mistaken for this run's later.
-            if rank == 0:
-                for name in ("checkpoints", "final"):
-                    storage.remove(storage.join(out_url, name), recursive=True)
-            if world_size > 1:
-                dist.barrier()
-        else:
+        if resume:
             # Rank 0 decides and tells the others, so all ranks resume from the same checkpoint.
             found = None
             if rank == 0:
@@ -233,8 +235,26 @@ def train_expert(cfg: ArchipelagoConfig, shard: int, data_url: str, out_url: str
             if start_step > ecfg.steps:
                 raise CheckpointError(f"{resume_url}: step {start_step} is beyond expert.steps={ecfg.steps}; "
                                       f"raise expert.steps or use another output URL")
-            if rank == 0:
-                log.info("resuming from %s (step %d)", resume_url, start_step)
+
+        # ---- one writer per run directory: rank 0 takes the lease (its attempt number is the fencing
+        #      token in every meta.json), then clears what a killed writer left -----------------------------
+        lease_or_error = None
+        if rank == 0:
+            try:
+                # released however the run ends (done, diverged, preempted, failed): a resume takes over at once
+                lease = stack.enter_context(RunLease.acquire(out_url, ecfg.lease_ttl_s, what, lease_wait_s))
+                manager.lease, lease_or_error = lease, lease.token
+                if not resume:   # starting over: an earlier run's checkpoints must not pass for this run's
+                    for name in ("checkpoints", "final"):
+                        storage.remove(storage.join(out_url, name), recursive=True)
+                manager.clean_stale()
+            except LeaseError as exc:
+                lease_or_error = str(exc)
+        lease_or_error = _from_rank0(lease_or_error)
+        if isinstance(lease_or_error, str):
+            raise LeaseError(lease_or_error)
+        if rank == 0 and resume_url is not None:
+            log.info("resuming from %s (step %d)", resume_url, start_step)
 
         # ---- strategy ----------------------------------------------------------------------------------
         wrapped = apply_strategy(model, ecfg, device)
@@ -252,51 +272,77 @@ def train_expert(cfg: ArchipelagoConfig, shard: int, data_url: str, out_url: str
         last = total if max_steps is None else min(total, max_steps)
         info = {"rank": rank, "world_size": world_size, "strategy": ecfg.strategy, "start_step": start_step,
                 "total_steps": total, "out_url": out_url, "config": cfg, "shard": shard,
-                "model": wrapped.module, "ema": ema}
+                "model": wrapped.module, "ema": ema, "lease": manager.lease}
         for cb in callbacks:
             cb.on_start(info)
         wrapped.module.train()
         amp = autocast(device, ecfg.precision)
         loss_sum = torch.zeros((), device=device)
-        window_steps, window_t0 = 0, time.perf_counter()
+        window_steps, window_good, window_t0 = 0, 0, time.perf_counter()
         loop_s = ckpt_s = 0.0
         steps_timed = 0
         final_loss = float("nan")
         metrics: dict[str, float] = {}
+        guard = NonFiniteGuard(ecfg.on_nonfinite, ecfg.max_nonfinite_skips, what, "expert.on_nonfinite")
+        guard.last_good = preempt.last_checkpoint = resume_url
+        skip_mode = ecfg.on_nonfinite == "skip"
         for step in range(start_step + 1, last + 1):
             lr = lr_at(step - 1, ecfg)
             wrapped.set_lr(lr)
+            step_loss = torch.zeros((), device=device)
             for m in range(ecfg.grad_accum):
                 idx = sampler.indices((step - 1) * ecfg.grad_accum + m, micro)
                 with amp:
                     loss = flow_matching_loss(wrapped.module, images[idx], labels[idx], generator=noise)
                 wrapped.backward(loss, sync=m == ecfg.grad_accum - 1)
-                loss_sum += loss.detach()
-            grad_norm = wrapped.step()
-            wrapped.update_ema(ema)
+                step_loss += loss.detach()
+            grad_norm = wrapped.step(skip_nonfinite=skip_mode)
+
+            # Divergence and preemption, decided alike on every rank (one tiny all-reduce per step); the
+            # weights are checked too before anything is written from them.
+            saving = step == total or (step < total and (step % ecfg.checkpoint_every == 0 or step == 1))
+            loss_bad, preempted, weights_bad = agree(
+                [float(not bool(torch.isfinite(step_loss))), float(preempt.requested),
+                 float((saving or preempt.requested) and not params_finite([wrapped.module]))], device)
+            good = guard.check(step, float("nan") if loss_bad else float(step_loss) / ecfg.grad_accum,
+                               float(grad_norm), weights_ok=not weights_bad)
+            if good:
+                wrapped.update_ema(ema)
+                loss_sum += step_loss
+                window_good += 1
             window_steps += 1
 
             if step % ecfg.log_every == 0 or step == last:
-                mean_loss = _mean_over_ranks(loss_sum) / (window_steps * ecfg.grad_accum)
+                mean_loss = (_mean_over_ranks(loss_sum) / (window_good * ecfg.grad_accum) if window_good
+                             else float("nan"))                 # every step of the window skipped
                 elapsed = time.perf_counter() - window_t0
                 loop_s, steps_timed = loop_s + elapsed, steps_timed + window_steps
                 metrics = {"loss": mean_loss, "lr": lr, "grad_norm": float(grad_norm),
                            "samples_per_s": window_steps * ecfg.batch_size / elapsed,
                            "step_time_s": elapsed / window_steps}
+                if skip_mode:
+                    metrics["nonfinite_skipped"] = float(guard.skipped)
                 final_loss = mean_loss
                 for cb in callbacks:
                     cb.on_step(step, metrics)
                 loss_sum.zero_()
-                window_steps, window_t0 = 0, time.perf_counter()
+                window_steps, window_good, window_t0 = 0, 0, time.perf_counter()
 
-            # Periodic checkpoint; also at step 1, so a bad store or strategy fails in seconds, not hours.
-            if step < total and (step % ecfg.checkpoint_every == 0 or step == 1):
+            # Periodic checkpoint; also at step 1, so a bad store or strategy fails in seconds, not hours;
+            # and on SIGTERM, the step that just finished (a resume then loses no step).
+            periodic = step < total and (step % ecfg.checkpoint_every == 0 or step == 1)
+            if periodic or (preempted and step < last):
                 t0 = time.perf_counter()
                 url = manager.save(step, wrapped, ema, rng=rng_state(noise), metrics=metrics)
+                guard.last_good = preempt.last_checkpoint = url
                 for cb in callbacks:
                     cb.on_checkpoint(step, url)
                 ckpt_s += time.perf_counter() - t0
                 window_t0 += time.perf_counter() - t0      # checkpoint time is not step time
+            if preempted and step < last:
+                raise Preempted(f"{what}: SIGTERM; step {step} checkpointed {preempt.elapsed():.2f}s after the "
+                                f"signal ({preempt.last_checkpoint}); run the same command to resume at step "
+                                f"{step + 1} (exit {PREEMPTED_EXIT})")
 
         # ---- final checkpoint --------------------------------------------------------------------------
         final_url = None
@@ -319,6 +365,7 @@ def train_expert(cfg: ArchipelagoConfig, shard: int, data_url: str, out_url: str
             dist.barrier()   # no rank tears the group down while a peer still talks to it (gloo aborts)
         return result
     finally:
+        stack.close()
         if created_group and dist.is_initialized():
             dist.destroy_process_group()
 
@@ -396,8 +443,8 @@ def main(argv: list[str] | None = None) -> int:
         result = train_expert(cfg, args.shard, args.data, args.out, callbacks=cbs, resume=not args.no_resume,
                               max_steps=args.max_steps)
     except ArchipelagoError as exc:
-        print(f"error: {storage.redact(str(exc))}", file=sys.stderr)
-        return 2
+        print(f"{exc.label}: {storage.redact(str(exc))}", file=sys.stderr)
+        return exc.exit_code
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"done: steps={result['steps']} final_loss={result['final_loss']:.4f} "
               f"samples/s={result['samples_per_s']:.1f} final={result['final_checkpoint']}", file=sys.stderr)

@@ -29,7 +29,10 @@ from archipelago.inference.runner import (
     SamplingSpec,
     _device,
     check_patch_rows,
+    close_group,
     init_process_group,
+    rank_error_line,
+    rank_exit,
     run_parallel_sampling,
 )
 
@@ -85,7 +88,7 @@ def _spec_and_layout(args: argparse.Namespace) -> tuple[SamplingSpec, ParallelCo
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    owns_group = False
+    owns_group, ok = False, False
     try:
         spec, pcfg = _spec_and_layout(args)
         check_patch_rows(spec, pcfg)   # one line on every rank, before a rendezvous that could wait forever
@@ -98,12 +101,13 @@ def main(argv: list[str] | None = None) -> int:
         if pcfg.world_size > 1:
             summaries = [None] * pcfg.world_size
             dist.all_gather_object(summaries, result.summary())
-    except ArchipelagoError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        ok = True
+    except Exception as exc:  # noqa: BLE001 - every rank reports its own cause as one line, then exits
+        print(rank_error_line(exc), file=sys.stderr, flush=True)
+        return 2 if isinstance(exc, ArchipelagoError) else 1
     finally:
         if owns_group:
-            dist.destroy_process_group()
+            close_group(ok)
     if result.rank == 0:
         summary = summaries[0]
         print(json.dumps({k: summary[k] for k in ("describe", "latency_s", "peak_mem_bytes")}))
@@ -115,4 +119,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    rank_exit(main())

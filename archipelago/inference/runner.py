@@ -21,7 +21,8 @@ import torch.distributed as dist
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from archipelago.errors import ConfigError
+from archipelago.errors import ArchipelagoError, ConfigError
+from archipelago.experts.train import _exit as rank_exit  # noqa: F401 - torchrun ranks exit the same way
 from archipelago.experts.sampling import SAMPLERS, euler_step, guided_velocity, heun_step, timesteps
 from archipelago.inference.comm import Comm
 from archipelago.inference.config import Mode, ParallelConfig, experts_for_rank
@@ -132,6 +133,29 @@ def init_process_group(rank: int, world_size: int, init_method: str | None, devi
     backend = "nccl" if device.type == "cuda" else "gloo"
     dist.init_process_group(backend, init_method=init_method or "env://", rank=rank, world_size=world_size,
                             timeout=timedelta(seconds=timeout_s))
+
+
+def close_group(ok: bool) -> None:
+    """End a parallel run's process group. The modes have already waited on every async handle (DistriFusion's
+    last K/V exchange, DualParal's in-flight sends); on success a barrier then makes sure no rank destroys
+    the group while a peer still talks to it (gloo aborts the process then: "terminate called without an
+    active exception"). After a failure there is no barrier (a dead peer never arrives): destroy only."""
+    if not dist.is_initialized():
+        return
+    if ok and dist.get_world_size() > 1:
+        dist.barrier()
+    dist.destroy_process_group()
+
+
+def rank_error_line(exc: BaseException) -> str:
+    """`error: rank R: <why>`: every failing rank names itself and its own cause (not only torchrun's summary)."""
+    from archipelago.errors import failure_line
+
+    from archipelago.storage import redact
+
+    if isinstance(exc, ArchipelagoError):     # our own line already names the culprit (same on every rank)
+        return f"error: {redact(str(exc))}"
+    return f"error: rank {os.environ.get('RANK', '0')}: {failure_line(exc)}"
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -266,7 +290,7 @@ def run_parallel_sampling(spec: SamplingSpec, pcfg: ParallelConfig, rank: int | 
     pcfg = ParallelConfig.model_validate(pcfg)
     device = _device(spec)
     check_patch_rows(spec, pcfg)
-    owns_group = False
+    owns_group, ok = False, False
     if pcfg.world_size > 1 and not dist.is_initialized():
         rank = int(os.environ["RANK"]) if rank is None else rank
         init_process_group(rank, pcfg.world_size, init_method, device)
@@ -310,10 +334,11 @@ def run_parallel_sampling(spec: SamplingSpec, pcfg: ParallelConfig, rank: int | 
         if comm.rank == 0 and spec.out:
             write_samples(result.samples, spec.out)
         comm.barrier()
+        ok = True
         return result
     finally:
         if owns_group:
-            dist.destroy_process_group()
+            close_group(ok)
 
 
 def write_samples(samples: torch.Tensor, url: str) -> str:

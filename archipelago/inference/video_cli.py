@@ -46,7 +46,10 @@ from archipelago.inference.runner import (
     _peak_rss_bytes,
     _reset_peak_rss,
     _rss_bytes,
+    close_group,
     init_process_group,
+    rank_error_line,
+    rank_exit,
 )
 
 LAUNCHERS: tuple[str, ...] = ("torchrun", "ray", "local")
@@ -149,7 +152,7 @@ def run_video_rank(spec: VideoSpec, rank: int | None = None, world_size: int | N
     if world_size is None:
         world_size = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
     world = world_size
-    owns_group = False
+    owns_group, ok = False, False
     if world > 1 and not dist.is_initialized():
         rank = int(os.environ["RANK"]) if rank is None else rank
         init_process_group(rank, world, init_method, device)
@@ -192,10 +195,11 @@ def run_video_rank(spec: VideoSpec, rank: int | None = None, world_size: int | N
         if comm.rank == 0:
             write_outputs(spec, video, summaries)
         comm.barrier()
+        ok = True
         return result
     finally:
         if owns_group:
-            dist.destroy_process_group()
+            close_group(ok)
 
 
 def write_outputs(spec: VideoSpec, video: torch.Tensor | None, summaries: list[dict[str, Any]]) -> None:
@@ -247,7 +251,7 @@ def _local_worker(rank: int, init_method: str, world: int, specs: list[dict[str,
             result.video = None if result.video is None else result.video.numpy()
             results.append(result)
         if world > 1:
-            dist.destroy_process_group()
+            close_group(ok=True)
         out.put((rank, results, None))
     except BaseException:  # noqa: BLE001 - reported to the parent, which raises
         out.put((rank, None, traceback.format_exc()))
@@ -406,9 +410,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         result = run_video_rank(spec_from_args(args))
-    except ArchipelagoError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    except Exception as exc:  # noqa: BLE001 - every rank reports its own cause as one line, then exits
+        print(rank_error_line(exc), file=sys.stderr, flush=True)
+        return 2 if isinstance(exc, ArchipelagoError) else 1
     if result.rank == 0:
         s = result.summary()
         print(json.dumps({k: s[k] for k in ("describe", "latency_s", "peak_mem_bytes")}))
@@ -416,4 +420,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    rank_exit(main())

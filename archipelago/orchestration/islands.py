@@ -34,7 +34,8 @@ from typing import Any, Literal
 from archipelago import storage
 from archipelago.cluster.spec import TRAINING_FIELDS_EXCLUDED, IslandPlan, redact_address
 from archipelago.config import ArchipelagoConfig, dump_config
-from archipelago.errors import ArchipelagoError, CheckpointError, ConfigError, StorageError, failure_line
+from archipelago.errors import (ArchipelagoError, CheckpointError, ConfigError, DivergenceError, StorageError,
+                                failure_line)
 from archipelago.experts.callbacks import TrainCallback
 
 log = logging.getLogger(__name__)
@@ -175,7 +176,30 @@ def island_train_fn(config: dict[str, Any]) -> None:
                  pointer.get("url"), pointer.get("step"))
 
     # ---- train -------------------------------------------------------------------------------------------
-    train_expert(cfg, shard, config["data_url"], out_url, callbacks=callbacks, resume=True)
+    # A divergence is deterministic: retrying the worker group would only diverge again from the same
+    # checkpoint. Every rank raises it at the same step; rank 0 records it for the driver and all return.
+    rank = ray.train.get_context().get_world_rank()
+    if rank == 0:
+        storage.remove(storage.join(out_url, DIVERGED_FILE))
+    try:
+        # A restarted worker group waits out the lease of an attempt that died on another node.
+        train_expert(cfg, shard, config["data_url"], out_url, callbacks=callbacks, resume=True,
+                     lease_wait_s=1.5 * cfg.expert.lease_ttl_s)
+    except DivergenceError as exc:
+        if rank == 0:
+            storage.write_json(storage.join(out_url, DIVERGED_FILE), {"error": str(exc), "time": time.time()})
+
+
+DIVERGED_FILE = "diverged.json"
+
+
+def diverged_error(out_url: str) -> DivergenceError | None:
+    """The divergence an island's workers recorded (they return normally so Ray does not retry it)."""
+    url = storage.join(out_url, DIVERGED_FILE)
+    try:
+        return DivergenceError(storage.read_json(url)["error"]) if storage.exists(url) else None
+    except (StorageError, KeyError, TypeError):
+        return None
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -234,6 +258,8 @@ def run_island(plan: IslandPlan, cfg: ArchipelagoConfig, root: str, max_failures
         else:
             make_trainer(plan, cfg, root, max_failures, tracking, callbacks).fit()
         meta = completed_expert(plan, cfg, data_manifest_sha256)
+        if meta is None and plan.mode == "ray" and (diverged := diverged_error(plan.out_url)) is not None:
+            raise diverged
         if meta is None:
             raise CheckpointError(f"{storage.join(plan.out_url, 'final')}: training ended without a complete "
                                   f"final checkpoint")

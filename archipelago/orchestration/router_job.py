@@ -26,7 +26,9 @@ def router_task(config: dict[str, Any], data_url: str, out_url: str, tracking: d
     torch.set_num_threads(max(1, threads))
     cfg = ArchipelagoConfig.model_validate(config)
     callbacks = [MlflowMetricsCallback(**tracking)] if tracking else []
-    return _json_safe(train_router(cfg, data_url, out_url, callbacks=callbacks))
+    # a retry on another node waits out the lease of the attempt that died there
+    return _json_safe(train_router(cfg, data_url, out_url, callbacks=callbacks,
+                                   lease_wait_s=1.5 * cfg.expert.lease_ttl_s))
 
 
 def start_router(plan: RouterPlan, cfg: ArchipelagoConfig, max_retries: int,

@@ -26,10 +26,12 @@ import torch.nn.functional as F
 
 from archipelago import storage
 from archipelago.config import ArchipelagoConfig
-from archipelago.errors import CheckpointError, StorageError
+from archipelago.errors import CheckpointError, LeaseError, StorageError
 from archipelago.experts.callbacks import TrainCallback
 from archipelago.experts.checkpoint import read_meta_json
 from archipelago.experts.flow import interpolate
+from archipelago.experts.reliability import NonFiniteGuard, params_finite
+from archipelago.lease import ROUTER, RunLease, fenced_out
 from archipelago.router.metrics import evaluate_router
 from archipelago.router.model import Router, build_router
 
@@ -65,7 +67,7 @@ def _identity(cfg: ArchipelagoConfig, manifest_sha: str, class_conditional: bool
 
 def train_router(cfg: ArchipelagoConfig, data_url: str, out_url: str, callbacks: Iterable[TrainCallback] = (),
                  class_conditional: bool | None = None, resume: bool = True,
-                 device: str | torch.device | None = None) -> dict[str, Any]:
+                 device: str | torch.device | None = None, lease_wait_s: float = 0.0) -> dict[str, Any]:
     """Train the router on every shard of `data_url`, write it to `out_url`, return
     {router, steps, final_loss, num_experts, metrics, wall_s, cached}.
 
@@ -75,9 +77,8 @@ def train_router(cfg: ArchipelagoConfig, data_url: str, out_url: str, callbacks:
     """
     if class_conditional is None:
         class_conditional = cfg.router.class_conditional
-    from archipelago.data.shards import load_manifest, manifest_sha256, read_all
+    from archipelago.data.shards import load_manifest, manifest_sha256
 
-    rcfg = cfg.router
     t_start = time.perf_counter()
     callbacks = list(callbacks)
     manifest = load_manifest(data_url)
@@ -95,6 +96,19 @@ def train_router(cfg: ArchipelagoConfig, data_url: str, out_url: str, callbacks:
             for cb in callbacks:
                 cb.on_end(result)
             return result
+
+    # ---- one writer: the router's lease on out_url (released however this ends) -----------------------
+    with RunLease.acquire(out_url, cfg.expert.lease_ttl_s, f"router ({out_url})", lease_wait_s) as lease:
+        return _train(cfg, data_url, out_url, callbacks, class_conditional, device, manifest, manifest_sha,
+                      identity, t_start, lease)
+
+
+def _train(cfg: ArchipelagoConfig, data_url: str, out_url: str, callbacks: list[TrainCallback],
+           class_conditional: bool, device: str | torch.device | None, manifest: Any, manifest_sha: str,
+           identity: dict[str, Any], t_start: float, lease: RunLease) -> dict[str, Any]:
+    from archipelago.data.shards import read_all
+
+    rcfg = cfg.router
 
     # ---- data: every shard, labels = shard ids; a held-out split for the metrics ---------------------
     images, classes, cluster_ids = read_all(data_url)
@@ -123,6 +137,7 @@ def train_router(cfg: ArchipelagoConfig, data_url: str, out_url: str, callbacks:
     loss_sum, correct, seen, window, t0 = 0.0, 0.0, 0, 0, time.perf_counter()
     final_loss = float("nan")
     n_train = x_train.shape[0]
+    guard = NonFiniteGuard(rcfg.on_nonfinite, rcfg.max_nonfinite_skips, f"router ({out_url})", "router.on_nonfinite")
     for step in range(1, total + 1):
         lr = _lr_at(step - 1, total, rcfg.lr, warmup)
         for group in opt.param_groups:
@@ -135,7 +150,15 @@ def train_router(cfg: ArchipelagoConfig, data_url: str, out_url: str, callbacks:
         loss = F.cross_entropy(logits.float(), c_train[idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        opt.step()
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(router.parameters(), float("inf")))
+        if not guard.check(step, float(loss.detach()), grad_norm):
+            continue                                         # skipped (router.on_nonfinite=skip)
+        try:
+            opt.step()
+        except RuntimeError as exc:   # an LR so large that Adam's step size overflows float32
+            if "overflow" not in str(exc):
+                raise
+            guard.check(step, float(loss.detach()), float("inf"), weights_ok=False)
         loss_sum += float(loss.detach())
         correct += float((logits.argmax(1) == c_train[idx]).float().sum())
         seen += x0.shape[0]
@@ -150,11 +173,13 @@ def train_router(cfg: ArchipelagoConfig, data_url: str, out_url: str, callbacks:
             loss_sum, correct, seen, window, t0 = 0.0, 0.0, 0, 0, time.perf_counter()
 
     # ---- metrics on the held-out split, then the checkpoint (meta.json last) ---------------------------
+    guard.check(total, final_loss if window == 0 else loss_sum / window, 0.0,
+                weights_ok=params_finite([router]))   # never publish non-finite weights
     router.eval()
     metrics = evaluate_router(router, images[eval_idx], classes[eval_idx], cluster_ids[eval_idx],
                               t_bins=rcfg.t_bins, sample_steps=cfg.expert.sample_steps, seed=rcfg.seed + 1)
     metrics["final_loss"] = final_loss
-    save_router(router.cpu(), out_url, {
+    save_router(router.cpu(), out_url, lease=lease, meta={
         "num_experts": k, "data_manifest_sha256": manifest_sha, "config_hash": cfg.config_hash(),
         "router": rcfg.model_dump(mode="json"), "identity": identity, "step": total,
         "final_loss": final_loss, "metrics": metrics, "image_shape": list(manifest.image_shape),
@@ -172,10 +197,13 @@ def train_router(cfg: ArchipelagoConfig, data_url: str, out_url: str, callbacks:
 # Checkpoint I/O
 # ----------------------------------------------------------------------------------------------------
 
-def save_router(router: Router, out_url: str, meta: dict[str, Any]) -> str:
-    """Write router.safetensors then meta.json (the commit marker) under out_url; returns out_url."""
+def save_router(router: Router, out_url: str, meta: dict[str, Any], lease: RunLease | None = None) -> str:
+    """Write router.safetensors then meta.json (the commit marker) under out_url; returns out_url. With a
+    lease, its fencing token goes into meta.json and a stale attempt (taken over) writes nothing."""
     from safetensors.torch import save
 
+    if lease is not None and (why := lease.fenced()) is not None:
+        raise LeaseError(why)
     storage.remove(storage.join(out_url, META))   # a half-rewritten router never looks complete
     blob = save({k: v.detach().cpu().contiguous() for k, v in router.state_dict().items()},
                 metadata={"format": "pt", "archipelago": "router"})
@@ -184,6 +212,10 @@ def save_router(router: Router, out_url: str, meta: dict[str, Any]) -> str:
             "model": {"class": "Router", "args": dict(router.config_dict)},
             "num_experts": router.num_experts, "files": {WEIGHTS: digest}, "created_at": time.time(),
             "torch_version": torch.__version__}
+    if lease is not None:
+        full["fencing_token"] = lease.token
+        if (why := lease.fenced()) is not None:
+            raise LeaseError(why)
     storage.write_json(storage.join(out_url, META), full)
     return out_url
 
@@ -229,5 +261,9 @@ def _finished(out_url: str, identity: dict[str, Any]) -> dict[str, Any] | None:
         _, meta = load_router(out_url)
     except CheckpointError as exc:
         log.warning("%s: existing router is not usable (%s); training again", out_url, exc)
+        return None
+    why = fenced_out(storage.join(out_url, META), meta, where=(out_url, ROUTER))
+    if why is not None:
+        log.warning("%s; training again", why)
         return None
     return meta if meta.get("identity") == identity else None

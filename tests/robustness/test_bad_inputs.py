@@ -17,12 +17,18 @@ inputs it must not touch are byte-identical afterwards).
 | data | data-hash-mismatch | one byte of shard 0 flipped (same size) | `<data>/shard-000.safetensors: sha256 mismatch (manifest ..., file ...)` |
 | data | data-format-version | manifest `format_version: 99` | `<data>/manifest.json: manifest format version 99, this Archipelago reads 1` |
 | data | data-not-prepared | `--data` an empty directory | `<data>/manifest.json: no manifest ... run archipelago data prepare` |
+| data | data-path-escape | shard 0's `file` is `../outside.safetensors` (a valid copy of the shard lies there) | `<data>/manifest.json: shard 0: file '../outside.safetensors' points outside the data directory ...` |
+| data | data-path-absolute | shard 0's `file` is an absolute path | the same line naming the absolute path |
+| data | data-path-scheme | shard 0's `file` is a `file://` URL | the same line naming the URL |
 | data | data-empty-image-folder | `data.source=image_folder`, empty folder | `<folder>: no images found (looked for .png, ...); check data.path` |
 | checkpoint | ckpt-truncated | `ema.safetensors` cut in half | `<ckpt>/ema.safetensors: sha256 mismatch with meta.json ...: truncated or modified` |
 | checkpoint | ckpt-pickle | `ema.safetensors` replaced by a `torch.save` pickle whose unpickling would run code (sha256 updated) | `<ckpt>/ema.safetensors: not a valid safetensors file (... another format such as a pickle)`; the payload never ran |
 | checkpoint | ckpt-wrong-architecture | `ema.safetensors` of a hidden-48 expert in a hidden-32 checkpoint (sha256 updated) | `<ckpt>/ema.safetensors: weights do not fit the model architecture (size mismatch ...)` |
 | checkpoint | ckpt-resume-other-architecture | `train-expert --set expert.hidden_size=64` onto a run with hidden-32 checkpoints | `<run>/checkpoints/.../meta.json: architecture differs from the config (... fields hidden_size ...)`; run dir untouched |
 | checkpoint | ckpt-missing-meta | `meta.json` deleted | `<ckpt>: neither an ensemble.json nor an expert checkpoint directory (no ... meta.json there)` |
+| training | diverged-expert | `train-expert --set expert.lr=1e38` (Adam's step overflows at step 1) | `expert 0 (<out>): non-finite grad norm inf at step 1; stopped (expert.on_nonfinite=stop), no final checkpoint written; last good checkpoint: none; ...` |
+| training | diverged-expert-nan | `train-expert --set expert.lr=1e30` (the loss is nan at step 2) | `... non-finite loss nan at step 2; ... last good checkpoint: <out>/checkpoints/step-00000001; ...`; no `final/` |
+| training | diverged-router | `train-router --set router.lr=1e38` | `router (<out>): non-finite ... (router.on_nonfinite=stop), no final checkpoint written ...`; nothing written |
 | ensemble | ensemble-expert-sizes | expert 1 is a hidden-48 expert | `expert 1 (<ckpt>/meta.json): hidden_size=48 differs from expert 0's 32; ...` |
 | ensemble | ensemble-router-k | router trained on K=3 data | `router (<router>/meta.json): predicts K=3 clusters but the ensemble has 2 experts` |
 | ensemble | ensemble-other-manifest | expert 1 trained on another data manifest | `expert 1 (<ckpt>/meta.json): trained on data manifest ..., the ensemble's is ... (other data)` |
@@ -327,6 +333,33 @@ def _l_debug(a, ws, ctx):
                absent=[ws / "data"])
 
 
+def _d_escape(target: Callable[[Path, Path], str]):
+    """Shard 0's manifest entry names a file outside the data directory: a valid copy of shard 0 (same sha256)
+    lies there, so only the containment check can refuse it."""
+    def build(a, ws, ctx):
+        data = copy_tree(a.data, ws / "data")
+        outside = ws / "outside.safetensors"
+        shutil.copy(data / "shard-000.safetensors", outside)
+        m = json.loads((data / "manifest.json").read_text())
+        m["shards"][0]["file"] = target(data, outside)
+        (data / "manifest.json").write_text(json.dumps(m))
+        return Run(_train_expert(a, ws, data=data), absent=[ws / "out"], unchanged=[data])
+    return build
+
+
+def _n_expert(lr: str):
+    def build(a, ws, ctx):
+        return Run(_train_expert(a, ws, "--set", f"expert.lr={lr}"), absent=[ws / "out" / "final"],
+                   unchanged=[a.data])
+    return build
+
+
+def _n_router(a, ws, ctx):
+    return Run(["train-router", "--config", str(a.config), "--data", str(a.data), "--out", str(ws / "router"),
+                "--set", "router.lr=1e38"], absent=[ws / "router" / "meta.json", ws / "router" / "router.safetensors"],
+               unchanged=[a.data])
+
+
 CASES = [
     Case("config-unknown-field", ("bad.yaml", "unknown field 'expert.depht'", "known:"), _c_unknown_field),
     Case("config-wrong-type", ("bad.yaml", "field 'expert.lr'", "valid number", "'fast'"), _c_wrong_type),
@@ -344,6 +377,12 @@ CASES = [
     Case("data-hash-mismatch", ("shard-000.safetensors", "sha256 mismatch", "data prepare"), _d_hash_mismatch),
     Case("data-format-version", ("manifest.json", "format version 99", "reads 1"), _d_format_version),
     Case("data-not-prepared", ("nodata/manifest.json", "no manifest", "data prepare"), _d_not_prepared),
+    Case("data-path-escape", ("data/manifest.json", "shard 0", "'../outside.safetensors'", "outside the data"),
+         _d_escape(lambda data, outside: "../outside.safetensors")),
+    Case("data-path-absolute", ("data/manifest.json", "shard 0", "outside.safetensors'", "outside the data"),
+         _d_escape(lambda data, outside: str(outside))),
+    Case("data-path-scheme", ("data/manifest.json", "shard 0", "file://", "outside the data"),
+         _d_escape(lambda data, outside: f"file://{outside}")),
     Case("data-empty-image-folder", ("imgs", "no images found", "data.path"), _d_empty_folder),
     Case("ckpt-truncated", ("ckpt/ema.safetensors", "sha256 mismatch", "truncated"), _k_truncated),
     Case("ckpt-pickle", ("ckpt/ema.safetensors", "not a valid safetensors file", "pickle"), _k_pickle),
@@ -353,6 +392,11 @@ CASES = [
                                             "hidden_size"), _k_resume_other_arch),
     Case("ckpt-missing-meta", ("ckpt", "neither an ensemble.json nor an expert checkpoint", "meta.json"),
          _k_missing_meta),
+    Case("diverged-expert", ("expert 0", "non-finite", "at step 1", "no final checkpoint written",
+                             "last good checkpoint: none"), _n_expert("1e38")),
+    Case("diverged-expert-nan", ("expert 0", "non-finite loss nan at step 2", "no final checkpoint written",
+                                 "last good checkpoint:", "out/checkpoints/step-00000001"), _n_expert("1e30")),
+    Case("diverged-router", ("router (", "non-finite", "router.on_nonfinite=stop"), _n_router),
     Case("ensemble-expert-sizes", ("expert 1", "expert-wide/final/meta.json", "hidden_size=48",
                                    "expert 0's 32"), _e_sizes),
     Case("ensemble-router-k", ("router", "router3/meta.json", "K=3", "2 experts"), _e_router_k),
