@@ -15,6 +15,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from archipelago import storage
 from archipelago.config import DataConfig
+from archipelago.data.chunks import write_chunked_shard
 from archipelago.data.embedders import get_embedder
 from archipelago.data.partition import cluster_purity, partition
 from archipelago.data.shards import (
@@ -32,6 +33,21 @@ from archipelago.data.sources import load_source
 from archipelago.errors import DataError
 
 log = logging.getLogger(__name__)
+
+
+def streamed_preparation(cfg: DataConfig) -> bool:
+    """Whether `data prepare` reads the source lazily (archipelago.data.scale): always for WebDataset tars, and
+    for image folders prepared into chunked shards or that skip bad images."""
+    return cfg.source == "webdataset" or (
+        cfg.source == "image_folder" and (cfg.shard_format == "chunked" or cfg.on_bad_image == "skip"))
+
+
+def remove_unlisted_shards(out_url: str, keep: set[str]) -> None:
+    """Remove shard files/folders (e.g. of an earlier, larger K or another format) the manifest does not list."""
+    for name in storage.listdir(out_url):
+        if name.startswith("shard-") and name not in keep and (
+                name.endswith(".safetensors") or "." not in name):
+            storage.remove(storage.join(out_url, name), recursive=True)
 
 
 def _reusable(out_url: str, config_hash: str) -> ShardManifest | None:
@@ -69,8 +85,18 @@ def prepare_data(cfg: DataConfig, out_url: str, progress: bool = True) -> ShardM
         log.info("%s: reusing prepared data (config %s…)", out_url, config_hash[:12])
         return existing
 
-    # --- fail fast: the embedder validates its setup (dinov2 weights) before any data is read ---
+    if streamed_preparation(cfg):   # large or remote sources: read lazily, never all in memory
+        from archipelago.data.scale import prepare_streamed
+
+        return prepare_streamed(cfg, out_url, config_hash, progress=progress)
+
+    # --- fail fast: the embedder validates its setup (dinov2 weights) and the VAE loads before any data is read
     embedder = get_embedder(cfg.embedder, cfg)
+    codec = None
+    if cfg.vae is not None:
+        from archipelago.data.latents import VaeCodec
+
+        codec = VaeCodec(cfg.vae)
     k = cfg.num_clusters
     columns = (TextColumn("[bold]data prepare[/] {task.description}"), BarColumn(), MofNCompleteColumn(),
                TimeElapsedColumn())
@@ -92,6 +118,12 @@ def prepare_data(cfg: DataConfig, out_url: str, progress: bool = True) -> ShardM
                             f"values) for {n} samples")
         bar.update(task, advance=1, description=f"partition into K={k} ({cfg.partitioner})")
 
+        # --- latents: shards hold what the experts learn; the partition above used the pixels ---
+        stored, latent = src.images, None
+        if codec is not None:
+            stored = codec.encode(src.images)                   # [N, c, h, w]
+            latent = codec.space(list(stored.shape[1:]), list(src.images.shape[1:]))
+
         # --- partition ---
         part = partition(emb, cfg)
         labels = src.labels.numpy()
@@ -103,22 +135,23 @@ def prepare_data(cfg: DataConfig, out_url: str, progress: bool = True) -> ShardM
         infos = []
         for s in range(k):
             idx = torch.from_numpy(np.flatnonzero(part.assign == s)).to(torch.int64)  # source positions
-            infos.append(write_shard(out_url, s, src.images[idx], src.labels[idx], idx))
+            if cfg.shard_format == "chunked":
+                infos.append(write_chunked_shard(out_url, s, stored[idx], src.labels[idx], idx,
+                                                 int(cfg.chunk_mb * 2**20)))
+            else:
+                infos.append(write_shard(out_url, s, stored[idx], src.labels[idx], idx))
             bar.update(task, advance=1, description=f"write {shard_file(s)}")
         manifest = ShardManifest(
             format_version=FORMAT_VERSION, source=src.name, num_clusters=k, num_samples=n,
             counts=part.counts, centroids=part.centroids.astype(float).tolist(), embedder=embedder.name,
-            seed=cfg.seed, partitioner=cfg.partitioner, image_shape=list(src.images.shape[1:]),
+            seed=cfg.seed, partitioner=cfg.partitioner, image_shape=list(stored.shape[1:]),
             num_classes=src.num_classes, data_config_hash=config_hash,
-            data_config=cfg.model_dump(mode="json"), shards=infos, purity=purity)
+            data_config=cfg.model_dump(mode="json"), shards=infos, purity=purity, latent=latent)
         write_manifest(out_url, manifest)
         bar.update(task, description="done")
 
     # Shards left over from an earlier, larger K are not in the manifest; remove them so the folder is clean.
-    keep = {i.file for i in infos}
-    for name in storage.listdir(out_url):
-        if name.startswith("shard-") and name.endswith(".safetensors") and name not in keep:
-            storage.remove(storage.join(out_url, name))
+    remove_unlisted_shards(out_url, {i.file for i in infos})
     log.info("%s: %d samples -> K=%d shards %s (imbalance %.2f, purity %s)", out_url, n, k, part.counts,
              part.imbalance, "n/a" if purity is None else f"{purity:.3f}")
     return manifest

@@ -72,6 +72,7 @@ def train_router(cfg: ArchipelagoConfig, data_url: str, out_url: str, callbacks:
     class_conditional: condition on the class label too (the DDM paper's router sees x_t, t and the class);
     with it, label dropout (expert.class_dropout) trains the null class used when no label is given.
     """
+    from archipelago.data.latents import data_space
     from archipelago.data.shards import load_manifest, manifest_sha256, read_all
 
     rcfg = cfg.router
@@ -155,7 +156,8 @@ def train_router(cfg: ArchipelagoConfig, data_url: str, out_url: str, callbacks:
         "num_experts": k, "data_manifest_sha256": manifest_sha, "config_hash": cfg.config_hash(),
         "router": rcfg.model_dump(mode="json"), "identity": identity, "step": total,
         "final_loss": final_loss, "metrics": metrics, "image_shape": list(manifest.image_shape),
-        "num_classes": manifest.num_classes, "partitioner": manifest.partitioner})
+        "num_classes": manifest.num_classes, "partitioner": manifest.partitioner,
+        "data_space": data_space(manifest.latent)})
     for cb in callbacks:
         cb.on_checkpoint(total, out_url)
     result = {"router": out_url, "steps": total, "final_loss": final_loss, "num_experts": k,
