@@ -11,10 +11,10 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -196,7 +196,7 @@ def use_stream(loader: str, chunked: bool) -> bool:
 
 
 class ChunkStream:
-    """An endless, seeded, rank-disjoint stream of (images, labels, tags) rows from chunk files.
+    """An endless, seeded, rank-disjoint stream of (images, labels, tags, index) rows from chunk files.
 
     Epoch e visits the chunks in a permutation seeded by (seed, e), the same on every rank; with at least as
     many chunks as ranks, rank r takes chunks r::world_size, else every rank reads every chunk and keeps rows
@@ -207,20 +207,21 @@ class ChunkStream:
     """
 
     def __init__(self, refs: list[ChunkRef], rank: int = 0, world_size: int = 1, seed: int = 0,
-                 buffer: int = 4096, verify: bool = True, prefetch: int = 2):
+                 buffer: int = 4096, verify: bool = True, prefetch: int = 2,
+                 keep: Callable[[torch.Tensor], torch.Tensor] | None = None):
         if not refs:
             raise DataError("streamed shard has no chunks; re-run `archipelago data prepare`")
         self.refs, self.rank, self.world_size, self.seed = refs, rank, world_size, seed
-        self.buffer, self.verify = buffer, verify
+        self.buffer, self.verify, self.keep = buffer, verify, keep   # keep: index -> bool mask of rows to use
         self.deal_chunks = len(refs) >= world_size
         if self.epoch_rows(0) == 0:
             raise DataError(f"shard has {sum(r.count for r in refs)} samples, fewer than the {world_size} ranks "
                             "training it")
         self._pool = ThreadPoolExecutor(max_workers=max(1, prefetch), thread_name_prefix="chunk-prefetch")
         self._prefetch = max(1, prefetch)
-        self._it: Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
+        self._it: Iterator[tuple[torch.Tensor, ...]] | None = None
         self._pos = -1
-        self._out: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self._out: list[tuple[torch.Tensor, ...]] = []
         self._out_rows = 0
 
     # --- epoch layout (no I/O) ---
@@ -229,29 +230,31 @@ class ChunkStream:
         order = [self.refs[int(i)] for i in perm]
         return order[self.rank::self.world_size] if self.deal_chunks else order
 
-    def _keep(self, count: int) -> int:
+    def _rank_rows(self, count: int) -> int:
         return count if self.deal_chunks else len(range(self.rank, count, self.world_size))
 
     def epoch_rows(self, epoch: int) -> int:
         """Rows this rank sees in epoch `epoch`."""
-        return sum(self._keep(r.count) for r in self._order(epoch))
+        return sum(self._rank_rows(r.count) for r in self._order(epoch))
 
     # --- reading ---
-    def _load(self, ref: ChunkRef) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        x, y, _ = read_chunk(ref, self.verify)
-        tag = torch.full((y.shape[0],), ref.tag, dtype=torch.int64)
+    def _load(self, ref: ChunkRef) -> tuple[torch.Tensor, ...]:
+        x, y, idx = read_chunk(ref, self.verify)
+        rows = (x, y, torch.full((y.shape[0],), ref.tag, dtype=torch.int64), idx)
         if not self.deal_chunks:
-            x, y, tag = x[self.rank::self.world_size], y[self.rank::self.world_size], tag[self.rank::self.world_size]
-        return x, y, tag
+            rows = tuple(t[self.rank::self.world_size] for t in rows)
+        if self.keep is not None:
+            rows = tuple(t[self.keep(idx if self.deal_chunks else idx[self.rank::self.world_size])] for t in rows)
+        return rows
 
-    def _rows(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    def _rows(self, epoch: int) -> Iterator[tuple[torch.Tensor, ...]]:
         """Shuffled row blocks from `epoch` on, forever; the next chunks load on threads meanwhile."""
         while True:
             order = self._order(epoch)
             g = torch.Generator().manual_seed((self.seed * 1_000_003 + self.rank) * 65_537 + epoch)
             pending: list[Future] = [self._pool.submit(self._load, r) for r in order[:self._prefetch]]
             nxt = len(pending)
-            pool: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+            pool: tuple[torch.Tensor, ...] | None = None
             while pending:
                 chunk = pending.pop(0).result()
                 if nxt < len(order):
@@ -271,7 +274,7 @@ class ChunkStream:
 
     def _seek(self, pos: int) -> None:
         epoch = 0
-        while pos >= (n := self.epoch_rows(epoch)):
+        while self.keep is None and pos >= (n := self.epoch_rows(epoch)):   # filtered: rows unknown, replay
             pos, epoch = pos - n, epoch + 1
         self._it, self._out, self._out_rows = self._rows(epoch), [], 0
         while pos:
@@ -281,7 +284,7 @@ class ChunkStream:
                 self._out, self._out_rows = [tuple(t[take:] for t in block)], block[0].shape[0] - take
             pos -= take
 
-    def next_rows(self, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def next_rows(self, n: int) -> tuple[torch.Tensor, ...]:
         """The next n rows of the stream."""
         if self._it is None:
             self._seek(0)
@@ -291,13 +294,13 @@ class ChunkStream:
             self._out.append(block)
             self._out_rows += block[0].shape[0]
         cat = tuple(torch.cat([b[j] for b in self._out]) if len(self._out) > 1 else self._out[0][j]
-                    for j in range(3))
+                    for j in range(4))
         rest = tuple(t[n:] for t in cat)
         self._out, self._out_rows = ([rest] if rest[0].shape[0] else []), int(rest[0].shape[0])
         self._pos += n
         return tuple(t[:n] for t in cat)  # type: ignore[return-value]
 
-    def batch(self, micro_index: int, micro_batch: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def batch(self, micro_index: int, micro_batch: int) -> tuple[torch.Tensor, ...]:
         """Micro-batch `micro_index` (rows [i*b, (i+1)*b) of this rank's stream)."""
         pos = micro_index * micro_batch
         if pos != self._pos:
@@ -307,3 +310,33 @@ class ChunkStream:
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The router over every chunked shard: one mixed stream, a held-out split by source index
+# ----------------------------------------------------------------------------------------------------
+
+def heldout_mask(index: torch.Tensor, seed: int, fraction: float) -> torch.Tensor:
+    """Whether each sample (by its source index) is held out: a seeded hash, so no list of ids is kept."""
+    return ((index * 2_654_435_761 + seed * 97 + 12_345) % 10_000) < round(fraction * 10_000)
+
+
+def router_stream(data_url: str, manifest: Any, seed: int, buffer: int, holdout: float,
+                  max_eval: int = 4096) -> tuple[ChunkStream, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """(training stream over all shards, tags = shard ids, held-out rows removed; held-out (images, labels,
+    shard ids), at most `max_eval` of them, gathered by one streaming pass)."""
+    refs = [r for info in manifest.shards for r in chunk_refs(data_url, info)]
+    xs, ys, cs, n = [], [], [], 0
+    for ref in refs:
+        if n >= max_eval:
+            break
+        x, y, idx = read_chunk(ref)
+        m = heldout_mask(idx, seed, holdout)
+        xs.append(x[m][: max_eval - n])
+        ys.append(y[m][: max_eval - n])
+        cs.append(torch.full((int(xs[-1].shape[0]),), ref.tag, dtype=torch.int64))
+        n += int(xs[-1].shape[0])
+    if n == 0:
+        raise DataError(f"{data_url}: too few samples to hold any out for the router's metrics")
+    stream = ChunkStream(refs, seed=seed, buffer=buffer, keep=lambda idx: ~heldout_mask(idx, seed, holdout))
+    return stream, (torch.cat(xs), torch.cat(ys), torch.cat(cs))

@@ -187,7 +187,7 @@ def train_expert(cfg: ArchipelagoConfig, shard: int, data_url: str, out_url: str
             stream = ChunkStream(chunk_refs(data_url, info), rank, world_size, ecfg.seed, cfg.data.shuffle_buffer)
 
             def micro_batch(i: int) -> tuple[torch.Tensor, torch.Tensor]:
-                x, y, _ = stream.batch(i, micro)
+                x, y, _, _ = stream.batch(i, micro)
                 return x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         else:
             data = read_shard(data_url, shard, manifest=manifest)

@@ -168,3 +168,22 @@ def test_killed_prepare_resumes_to_the_same_manifest(tmp_path):
     a, b = (json.loads((tmp_path / d / "manifest.json").read_text()) for d in ("killed", "clean"))
     assert a == b and load_manifest(str(killed)).num_samples == 2400
     verify_shards(str(killed))
+
+
+def test_router_streams_chunked_shards_with_a_disjoint_holdout(tmp_path):
+    from archipelago.data.chunks import heldout_mask, router_stream
+    from archipelago.router.train import train_router
+
+    write_folder(str(tmp_path / "img"), per_class=30)
+    data = str(tmp_path / "data")
+    m = prepare_data(_cfg(str(tmp_path / "img")), data, progress=False)
+    stream, (ex, ey, ec) = router_stream(data, m, seed=0, buffer=16, holdout=0.1)
+    x, y, c, idx = stream.next_rows(200)
+    assert not heldout_mask(idx, 0, 0.1).any() and 0 < ex.shape[0] < 30     # never trains on held-out rows
+    assert set(c.tolist()) == {0, 1} and ec.shape == ey.shape == (ex.shape[0],)
+    stream.close()
+    cfg = ArchipelagoConfig.model_validate({"data": _cfg(str(tmp_path / "img")).model_dump(),
+                                            "router": {"steps": 5, "batch_size": 16, "hidden_size": 16,
+                                                       "depth": 1}})
+    res = train_router(cfg, data, str(tmp_path / "router"))
+    assert res["steps"] == 5 and np.isfinite(res["final_loss"]) and res["metrics"]
