@@ -69,6 +69,9 @@ class DataConfig(_Section):
     prepare_batch: int = Field(
         512, ge=1, description="Images decoded/encoded/embedded per step of the streamed preparation; also "
         "its unit of resumption (one staged part).")
+    prepare_workers: int = Field(
+        1, ge=1, le=256, description="Streamed preparation of an image folder: Ray actors building staged parts "
+        "in parallel (each loads the VAE/embedder once); 1: in this process, no Ray.")
     on_bad_image: Literal["skip", "fail"] = Field(
         "fail", description="A corrupt/unreadable image: fail (one line naming the file) or skip (counted in "
         "the manifest). skip uses the streamed preparation.")

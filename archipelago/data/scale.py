@@ -4,7 +4,8 @@ chunked shards. Memory is bounded by a batch, a chunk and O(N*K) numbers for the
 
 Passes (every one streams; `prepare_batch` records per step):
   1. read -> decode (bad images: skip or fail) -> VAE encode -> pretrained embedding -> a staged part
-     `.staging/part-NNNNNN.safetensors` (atomic; the unit of resumption: a killed run redoes at most one part)
+     `.staging/part-NNNNNN.safetensors` (atomic; the unit of resumption: a killed run redoes at most one part,
+     or the parts in flight with `prepare_workers` > 1, where Ray actors build parts of an image folder)
   2. pixel_pca only: streaming mean/std, then IncrementalPCA on at most `kmeans_fit_samples` rows
   3. MiniBatchKMeans fitted on the first `kmeans_fit_samples` embeddings (seeded, fixed order)
   4. assignment: squared distances [N, K] part by part, then our balance constraint (`rebalance`)
@@ -222,49 +223,136 @@ def _read_part(url: str) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
         raise DataError(f"{url}: not a valid staged part ({type(exc).__name__})") from None
 
 
+def build_part(cfg: DataConfig, i: int, batch: list[Record], embed: Callable[[torch.Tensor], np.ndarray] | None,
+               codec: Any) -> bytes:
+    """Staged part i from its records: decode (bad images skipped or failed), VAE-encode, embed."""
+    b = cfg.prepare_batch
+    arrays, labels, index, bad = [], [], [], 0
+    for off, rec in enumerate(batch):
+        a = decode_image(rec.data, rec.name, cfg.image_size)
+        if a is None:
+            if cfg.on_bad_image == "fail":
+                raise DataError(f"{storage.redact(rec.name)}: not a readable image; remove it or set "
+                                "data.on_bad_image=skip")
+            bad += 1
+            log.warning("skipping unreadable image %s", storage.redact(rec.name))
+            continue
+        arrays.append(a)
+        labels.append(rec.label)
+        index.append(i * b + off)
+    if arrays:
+        pixels = torch.from_numpy(np.stack(arrays))                          # [n, 3, S, S] in [-1, 1]
+        stored = codec.encode(pixels) if codec is not None else pixels       # [n, c, h, w]
+        emb = torch.from_numpy(np.asarray(embed(pixels), dtype=np.float32)) if embed is not None else None
+    else:
+        stored, emb = torch.zeros(0), None
+    return _encode_part(stored.float(), torch.tensor(labels, dtype=torch.int64),
+                        torch.tensor(index, dtype=torch.int64), emb, len(batch), bad)
+
+
+def _staged(url: str) -> dict[str, int] | None:
+    """meta of a complete staged part, None if absent or torn (then it is built again)."""
+    try:
+        return _read_part(url)[1] if storage.exists(url) else None
+    except (DataError, StorageError):
+        return None
+
+
 def stage_parts(cfg: DataConfig, records: ImageFolderRecords | WebDatasetRecords, staging: str,
                 embed: Callable[[torch.Tensor], np.ndarray] | None, codec: Any,
                 advance: Callable[[int], None]) -> list[str]:
-    """Pass 1; reuses parts a killed run finished (redoing at most the one it was writing)."""
+    """Pass 1, in this process; reuses every part a killed run finished (so it redoes at most the parts that
+    were being written when it died: one here, `prepare_workers` in parallel)."""
     b = cfg.prepare_batch
+    urls: list[str] = []
     done = 0
-    while storage.exists(_part_url(staging, done)):
-        try:
-            _, meta = _read_part(_part_url(staging, done))
-        except (DataError, StorageError):
-            break
+    while (meta := _staged(_part_url(staging, done))) is not None:
+        urls.append(_part_url(staging, done))
         done += 1
         advance(meta["records"])
     if done:
         log.info("%s: resuming after %d staged parts", staging, done)
-    urls = [_part_url(staging, i) for i in range(done)]
     for j, batch in enumerate(records.batches(done * b, b)):
-        i = done + j
-        arrays, labels, index, bad = [], [], [], 0
-        for off, rec in enumerate(batch):
-            a = decode_image(rec.data, rec.name, cfg.image_size)
-            if a is None:
-                if cfg.on_bad_image == "fail":
-                    raise DataError(f"{storage.redact(rec.name)}: not a readable image; remove it or set "
-                                    "data.on_bad_image=skip")
-                bad += 1
-                log.warning("skipping unreadable image %s", storage.redact(rec.name))
-                continue
-            arrays.append(a)
-            labels.append(rec.label)
-            index.append(i * b + off)
-        if arrays:
-            pixels = torch.from_numpy(np.stack(arrays))                          # [n, 3, S, S] in [-1, 1]
-            stored = codec.encode(pixels) if codec is not None else pixels       # [n, c, h, w]
-            emb = torch.from_numpy(np.asarray(embed(pixels), dtype=np.float32)) if embed is not None else None
-        else:
-            stored, emb = torch.zeros(0), None
-        part = _encode_part(stored.float(), torch.tensor(labels, dtype=torch.int64),
-                            torch.tensor(index, dtype=torch.int64), emb, len(batch), bad)
-        storage.write_bytes(_part_url(staging, i), part)
-        urls.append(_part_url(staging, i))
+        url = _part_url(staging, done + j)
+        if _staged(url) is None:        # parallel runs may leave later parts done and earlier ones not
+            storage.write_bytes(url, build_part(cfg, done + j, batch, embed, codec))
+        urls.append(url)
         advance(len(batch))
     return urls
+
+
+def stage_parts_parallel(cfg: DataConfig, records: ImageFolderRecords, staging: str,
+                         advance: Callable[[int], None]) -> list[str]:
+    """Pass 1 as Ray actors (image folders): `prepare_workers` actors each load the VAE and embedder once and
+    build the parts they are handed (reading their images themselves, so bytes never pass the driver)."""
+    import ray
+
+    from archipelago.cluster.local import connect_ray
+
+    b = cfg.prepare_batch
+    n_parts = -(-len(records.files) // b)
+    urls = [_part_url(staging, i) for i in range(n_parts)]
+    todo = []
+    for i, url in enumerate(urls):
+        meta = _staged(url)
+        if meta is None:
+            todo.append(i)
+        else:
+            advance(meta["records"])
+    if not todo:
+        return urls
+    started = connect_ray(hint="set RAY_ADDRESS or data.prepare_workers=1", include_dashboard=False,
+                          log_to_driver=False)
+    try:
+        builder = ray.remote(num_cpus=1)(_PartBuilder)
+        actors = [builder.remote(cfg.model_dump(mode="json"), staging) for _ in range(min(cfg.prepare_workers,
+                                                                                           len(todo)))]
+        pending: dict[Any, int] = {}
+        queue = list(todo)
+        while queue or pending:
+            while queue and len(pending) < 2 * len(actors):   # two parts in flight per actor
+                i = queue.pop(0)
+                sl = slice(i * b, (i + 1) * b)
+                pending[actors[i % len(actors)].build.remote(i, records.files[sl], records.labels[sl])] = i
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            pending.pop(ready[0])
+            try:
+                advance(ray.get(ready[0]))
+            except ray.exceptions.RayTaskError as exc:
+                from archipelago.errors import failure_line
+
+                raise DataError(failure_line(exc)) from None
+    finally:
+        if started:
+            ray.shutdown()
+    return urls
+
+
+class _PartBuilder:
+    """A Ray actor holding the VAE and the embedder; builds and writes staged parts of an image folder."""
+
+    def __init__(self, data_cfg: dict[str, Any], staging: str):
+        import logging
+
+        logging.basicConfig(level=logging.WARNING)
+        self.cfg = DataConfig.model_validate(data_cfg)
+        torch.set_num_threads(1)
+        self.embed = _embed_fn(self.cfg)[1]
+        self.codec = None
+        if self.cfg.vae is not None:
+            from archipelago.data.latents import VaeCodec
+
+            self.codec = VaeCodec(self.cfg.vae)
+        self.staging = staging
+        self.fs = storage.filesystem(self.cfg.path or "")[0]
+
+    def build(self, i: int, names: list[str], labels: list[int]) -> int:
+        got = self.fs.cat(names, on_error="return")
+        got = got if isinstance(got, dict) else {names[0]: got}
+        batch = [Record(n, got.get(n) if isinstance(got.get(n), bytes) else None, lab)
+                 for n, lab in zip(names, labels)]
+        storage.write_bytes(_part_url(self.staging, i), build_part(self.cfg, i, batch, self.embed, self.codec))
+        return len(names)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -422,7 +510,11 @@ def prepare_streamed(cfg: DataConfig, out_url: str, config_hash: str, progress: 
                TimeElapsedColumn())
     with _progress(columns, progress) as bar:
         task = bar.add_task(f"read + encode + embed ({emb_name})", total=records.total)
-        parts = stage_parts(cfg, records, staging, embed, codec, lambda m: bar.update(task, advance=m))
+        advance = lambda m: bar.update(task, advance=m)
+        if cfg.prepare_workers > 1 and isinstance(records, ImageFolderRecords):
+            parts = stage_parts_parallel(cfg, records, staging, advance)
+        else:
+            parts = stage_parts(cfg, records, staging, embed, codec, advance)
 
         # --- counts over the staged parts ---
         n = bad = max_label = 0

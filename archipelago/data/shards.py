@@ -26,8 +26,9 @@ def shard_file(k: int) -> str:
     return f"shard-{k:03d}.safetensors"
 
 
-# How training reads shards does not change what `data prepare` writes: left out of the data identity.
-READ_SIDE_FIELDS = frozenset({"loader", "shuffle_buffer"})
+# How training reads shards, and how many workers prepare them, do not change what `data prepare` writes:
+# left out of the data identity.
+READ_SIDE_FIELDS = frozenset({"loader", "shuffle_buffer", "prepare_workers"})
 
 
 def data_config_hash(cfg: DataConfig) -> str:
