@@ -221,8 +221,8 @@ class ChunkStream:
         self._prefetch = max(1, prefetch)
         self._it: Iterator[tuple[torch.Tensor, ...]] | None = None
         self._pos = -1
-        self._out: list[tuple[torch.Tensor, ...]] = []
-        self._out_rows = 0
+        self._cur: tuple[torch.Tensor, ...] | None = None   # the block being consumed, from row self._off
+        self._off = 0
 
     # --- epoch layout (no I/O) ---
     def _order(self, epoch: int) -> list[ChunkRef]:
@@ -276,29 +276,31 @@ class ChunkStream:
         epoch = 0
         while self.keep is None and pos >= (n := self.epoch_rows(epoch)):   # filtered: rows unknown, replay
             pos, epoch = pos - n, epoch + 1
-        self._it, self._out, self._out_rows = self._rows(epoch), [], 0
+        self._it, self._cur, self._off = self._rows(epoch), None, 0
         while pos:
-            block = next(self._it)
-            take = min(pos, block[0].shape[0])
-            if take < block[0].shape[0]:
-                self._out, self._out_rows = [tuple(t[take:] for t in block)], block[0].shape[0] - take
-            pos -= take
+            pos -= self._take(pos)[0].shape[0]
+
+    def _take(self, n: int) -> tuple[torch.Tensor, ...]:
+        """Up to n rows from the current block (views, no copy), moving to the next block when it is used up."""
+        if self._cur is None or self._off >= self._cur[0].shape[0]:
+            self._cur, self._off = next(self._it), 0  # type: ignore[arg-type]
+        take = min(n, self._cur[0].shape[0] - self._off)
+        rows = tuple(t[self._off:self._off + take] for t in self._cur)
+        self._off += take
+        return rows
 
     def next_rows(self, n: int) -> tuple[torch.Tensor, ...]:
-        """The next n rows of the stream."""
+        """The next n rows of the stream: (images, labels, tags, index)."""
         if self._it is None:
             self._seek(0)
             self._pos = 0
-        while self._out_rows < n:
-            block = next(self._it)  # type: ignore[arg-type]
-            self._out.append(block)
-            self._out_rows += block[0].shape[0]
-        cat = tuple(torch.cat([b[j] for b in self._out]) if len(self._out) > 1 else self._out[0][j]
-                    for j in range(4))
-        rest = tuple(t[n:] for t in cat)
-        self._out, self._out_rows = ([rest] if rest[0].shape[0] else []), int(rest[0].shape[0])
+        parts = [self._take(n)]
+        got = parts[0][0].shape[0]
+        while got < n:
+            parts.append(self._take(n - got))
+            got += parts[-1][0].shape[0]
         self._pos += n
-        return tuple(t[:n] for t in cat)  # type: ignore[return-value]
+        return parts[0] if len(parts) == 1 else tuple(torch.cat([p[j] for p in parts]) for j in range(4))
 
     def batch(self, micro_index: int, micro_batch: int) -> tuple[torch.Tensor, ...]:
         """Micro-batch `micro_index` (rows [i*b, (i+1)*b) of this rank's stream)."""
