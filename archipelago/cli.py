@@ -205,6 +205,8 @@ def generate_cmd(
                                      "and bytes sent (with --parallel)."),
     pin: str | None = typer.Option(None, "--pin", help="--launcher ray: a Ray resource per rank, comma-separated "
                                    "(e.g. node_1,node_2: each rank on the node advertising it)."),
+    vae: str | None = typer.Option(None, "--vae", help="Latent models: decode with the VAE directory here "
+                                   "instead of the one recorded at training (must be the same VAE)."),
 ) -> None:
     """Sample a PNG grid from an ensemble or a single expert (classes 0..9 repeated, seeded noise).
 
@@ -215,6 +217,7 @@ def generate_cmd(
     archipelago generate --expert runs/quickstart/experts/expert-0/final --parallel distrifusion
     --world-size 2 --launcher ray --out grid.png
     """
+    from archipelago.data.latents import decoder_for
     from archipelago.errors import ConfigError
     from archipelago.generate import (
         default_classes,
@@ -240,13 +243,14 @@ def generate_cmd(
     if parallel is not None:
         _generate_parallel(ensemble or expert, mode, n, cfg_scale, seed, steps, sampler, out, save_tensor,
                            device, parallel, world_size, launcher, patch_mode, warmup_steps, comm_group_layers,
-                           ray_address, stats, pin)
+                           ray_address, stats, pin, vae)
         return
     model = load_sampler_model(ensemble or expert, mode=mode, device=device)
+    codec = decoder_for(getattr(model, "data_space", None), ensemble or expert, vae_path=vae)  # before sampling
     labels = default_classes(n, model.num_classes)
     x = generate(model, n, cfg_scale=cfg_scale, seed=seed, steps=steps, sampler=sampler, classes=labels,
                  device=device)
-    write_picture(x, out)
+    write_picture(x if codec is None else codec.decode(x), out)   # latent models: decoded by their VAE
     calls = getattr(model, "expert_calls", None)
     if save_tensor:
         save_samples(save_tensor, x, labels, {"source": ensemble or expert, "mode": mode if ensemble else None,
@@ -260,13 +264,14 @@ def generate_cmd(
 def _generate_parallel(source: str, routing: str, n: int, cfg_scale: float, seed: int, steps: int, sampler: str,
                        out: str, save_tensor: str | None, device: str, mode: str, world_size: int, launcher: str,
                        patch_mode: str, warmup_steps: int, comm_group_layers: int, ray_address: str | None,
-                       stats: str | None, pin: str | None) -> None:
+                       stats: str | None, pin: str | None, vae: str | None = None) -> None:
     """`generate --parallel`: the same picture and tensors, sampled by `world_size` ranks."""
     import torch
 
     from archipelago import storage
+    from archipelago.data.latents import decoder_for
     from archipelago.errors import ConfigError
-    from archipelago.generate import save_samples, write_picture
+    from archipelago.generate import data_space_of, save_samples, write_picture
     from archipelago.inference.config import Mode, ParallelConfig
     from archipelago.inference.launch import generate_parallel, sampling_spec
 
@@ -282,9 +287,10 @@ def _generate_parallel(source: str, routing: str, n: int, cfg_scale: float, seed
     if rank_resources is not None and (launcher != "ray" or len(rank_resources) != world_size):
         raise ConfigError(f"generate: --pin needs --launcher ray and one resource per rank ({world_size}), got "
                           f"{pin!r} with --launcher {launcher}")
+    codec = decoder_for(data_space_of(source), source, vae_path=vae)   # a wrong VAE fails before the ranks start
     x, ranks = generate_parallel(spec, pcfg, launcher=launcher, ray_address=ray_address,
                                  rank_resources=rank_resources)
-    write_picture(x, out)
+    write_picture(x if codec is None else codec.decode(x), out)   # latent models: decode after sampling
     labels = torch.tensor(spec.labels, dtype=torch.long)
     if save_tensor:
         save_samples(save_tensor, x, labels, {"source": source, "mode": routing if spec.router else None,

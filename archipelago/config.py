@@ -23,19 +23,30 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+class VaeConfig(_Section):
+    """A diffusers AutoencoderKL: experts then learn latents, and generate decodes with the same VAE."""
+    path: str = Field(description="Local directory of a diffusers AutoencoderKL (config.json + "
+                      "diffusion_pytorch_model.safetensors), or a hub id when allow_download is true.")
+    subfolder: str | None = Field(None, description="Subfolder holding the VAE, e.g. 'vae' in a pipeline dir.")
+    allow_download: bool = Field(False, description="Allow fetching `path` from the Hugging Face hub; off: "
+                                 "nothing is ever downloaded.")
+    batch_size: int = Field(32, ge=1, description="Images per VAE forward pass.")
+
+
 class DataConfig(_Section):
-    source: Literal["digits", "image_folder", "moving_digits"] = Field(
+    source: Literal["digits", "image_folder", "moving_digits", "webdataset"] = Field(
         "digits", description="Where samples come from: embedded sklearn digits, an fsspec image folder, "
-        "or the procedural moving-digits video source.")
-    path: str | None = Field(None, description="fsspec URL/glob of the image folder (source=image_folder).")
+        "the procedural moving-digits video source, or WebDataset tar shards (read as streams).")
+    path: str | None = Field(None, description="fsspec URL/glob of the image folder (source=image_folder) or of "
+                             "the .tar files (source=webdataset).")
     image_size: int = Field(16, ge=8, le=256, description="Side of the square images after resizing.")
     num_clusters: int = Field(4, ge=1, le=256, description="K: number of shards = number of experts.")
     partitioner: Literal["kmeans", "random"] = Field(
         "kmeans", description="kmeans over embeddings (the DDM method) or random (ablation).")
-    embedder: Literal["pixel_pca", "classifier", "dinov2"] = Field(
+    embedder: Literal["pixel_pca", "classifier", "dinov2", "clip", "siglip"] = Field(
         "pixel_pca", description="Feature space for clustering: pixel_pca (offline, no labels), classifier "
         "(penultimate features of a small CNN fitted to the labels of the training split: our semantic "
-        "stand-in for DINOv2 on labelled data), dinov2 (only when its weights are local).")
+        "stand-in for DINOv2 on labelled data), dinov2 / clip / siglip (only when their weights are local).")
     embed_dim: int = Field(32, ge=2, le=1024, description="Embedding dimension of the pixel_pca embedder.")
     max_imbalance: float = Field(
         2.0, ge=1.0, description="Upper bound on largest/smallest shard size; sizes are rebalanced to it.")
@@ -49,6 +60,35 @@ class DataConfig(_Section):
     num_videos: int = Field(512, ge=1, description="Number of clips to generate (moving_digits).")
     dinov2_weights: str | None = Field(
         None, description="Local path to DINOv2 weights; never downloaded.")
+    # --- at scale (issue 15): latents, pretrained embedders, chunked shards, lazy sources ---
+    vae: VaeConfig | None = Field(
+        None, description="Encode images to VAE latents during prepare (experts train on latents; generate "
+        "decodes). None: train on pixels.")
+    embedder_weights: str | None = Field(
+        None, description="Local directory of a transformers CLIP/SigLIP vision model (save_pretrained "
+        "layout) for embedder=clip|siglip; never downloaded.")
+    embed_batch_size: int = Field(64, ge=1, description="Images per forward pass of a pretrained embedder.")
+    shard_format: Literal["single", "chunked"] = Field(
+        "single", description="single: one safetensors file per shard, loaded whole (small data). chunked: "
+        "each shard is a list of bounded chunk files that training streams (large data).")
+    chunk_mb: float = Field(256.0, gt=0, le=4096, description="Upper bound on one chunk file (MiB), chunked.")
+    prepare_batch: int = Field(
+        512, ge=1, description="Images decoded/encoded/embedded per step of the streamed preparation; also "
+        "its unit of resumption (one staged part).")
+    prepare_workers: int = Field(
+        1, ge=1, le=256, description="Streamed preparation of an image folder: Ray actors building staged parts "
+        "in parallel (each loads the VAE/embedder once); 1: in this process, no Ray.")
+    on_bad_image: Literal["skip", "fail"] = Field(
+        "fail", description="A corrupt/unreadable image: fail (one line naming the file) or skip (counted in "
+        "the manifest). skip uses the streamed preparation.")
+    kmeans_fit_samples: int = Field(
+        100_000, ge=1, description="Streamed preparation: at most this many embeddings feed MiniBatchKMeans "
+        "(and the pixel_pca fit); assignment is a second pass over all of them.")
+    # --- reading side: how training loads shards (not part of the prepared data's identity) ---
+    loader: Literal["auto", "memory", "stream"] = Field(
+        "auto", description="memory: load the shard whole; stream: read chunks through a shuffle buffer "
+        "(chunked shards only); auto: stream chunked shards, load single-file shards.")
+    shuffle_buffer: int = Field(4096, ge=1, description="Samples held by the streaming shuffle buffer.")
 
 
 class ExpertConfig(_Section):

@@ -404,4 +404,5 @@ def load_ensemble(url: str, mode: str = "top-1", device: str | torch.device = "c
     ens.mode = mode
     ens.spec = spec
     ens.image_shape = tuple(metas[0].get("image_shape") or ())
+    ens.data_space = metas[0].get("data_space")   # every member shares the manifest, hence the data space
     return ens

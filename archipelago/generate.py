@@ -25,6 +25,7 @@ def load_sampler_model(url: str, mode: str = "top-1", device: str | torch.device
     if storage.exists(storage.join(url, META)):
         model, meta = load_expert(url, device=device)
         model.image_shape = tuple(meta.get("image_shape") or sample_shape(model))
+        model.data_space = meta.get("data_space")
         return model
     raise CheckpointError(f"{url}: neither an ensemble.json nor an expert checkpoint directory (no "
                           f"{ENSEMBLE_FILE} or {META} there)")
@@ -106,6 +107,28 @@ def write_picture(samples: torch.Tensor, url: str) -> str:
     return save_grid(samples, url)
 
 
+def data_space_of(url: str) -> dict[str, Any] | None:
+    """The `data_space` an ensemble's experts (or one expert checkpoint) were trained in, from meta.json only."""
+    from archipelago.ensemble import ENSEMBLE_FILE, read_spec
+    from archipelago.experts.checkpoint import META, read_meta
+
+    if url.endswith(".json") or storage.exists(storage.join(url, ENSEMBLE_FILE)):
+        from archipelago.ensemble import _ensemble_file, _resolve
+
+        spec = read_spec(url)
+        return read_meta(_resolve(_ensemble_file(url), spec.experts[min(spec.experts)])).get("data_space")
+    return read_meta(url).get("data_space") if storage.exists(storage.join(url, META)) else None
+
+
+def to_pixels(samples: torch.Tensor, space: dict[str, Any] | None, where: str, vae: str | None = None) -> torch.Tensor:
+    """Samples as images: decoded with the model's VAE when it learned latents (refused with one line if `vae`
+    is another VAE, or given for a pixel model), unchanged for a pixel model."""
+    from archipelago.data.latents import decoder_for
+
+    codec = decoder_for(space, where, vae_path=vae)
+    return samples if codec is None else codec.decode(samples)
+
+
 def sample_grid(ckpt_or_ensemble_url: str, grid_url: str, cfg: Any) -> dict[str, Any]:
     """Sample cfg.inference.num_samples images (cfg.expert.cfg_scale / sample_steps / sampler, seed
     cfg.inference.seed, routing cfg.inference.routing for ensembles) and write a PNG grid to grid_url."""
@@ -113,7 +136,7 @@ def sample_grid(ckpt_or_ensemble_url: str, grid_url: str, cfg: Any) -> dict[str,
     e = cfg.expert
     x = generate(model, cfg.inference.num_samples, cfg_scale=e.cfg_scale, seed=cfg.inference.seed,
                  steps=e.sample_steps, sampler=e.sampler)
-    digest = write_picture(x, grid_url)
+    digest = write_picture(to_pixels(x, getattr(model, "data_space", None), ckpt_or_ensemble_url), grid_url)
     return {"grid": grid_url, "sha256": digest, "n": x.shape[0],
             "expert_calls": getattr(model, "expert_calls", None)}
 
@@ -126,5 +149,6 @@ __all__ = [
     "sample_grid",
     "sample_shape",
     "save_samples",
+    "to_pixels",
     "write_picture",
 ]

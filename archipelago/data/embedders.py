@@ -241,7 +241,15 @@ EMBEDDERS: dict[str, Callable[[DataConfig], Embedder]] = {
     "pixel_pca": lambda cfg: PixelPCAEmbedder(dim=cfg.embed_dim, seed=cfg.seed),
     "classifier": lambda cfg: ClassifierEmbedder(seed=cfg.seed),
     "dinov2": lambda cfg: Dinov2Embedder(cfg.dinov2_weights),
+    "clip": lambda cfg: _vision("clip", cfg),
+    "siglip": lambda cfg: _vision("siglip", cfg),
 }
+
+
+def _vision(kind: Literal["clip", "siglip"], cfg: DataConfig) -> Embedder:
+    from archipelago.data.pretrained import VisionEmbedder  # imports transformers only when chosen
+
+    return VisionEmbedder(kind, cfg.embedder_weights, batch_size=cfg.embed_batch_size)
 
 
 def get_embedder(name: str, cfg: DataConfig) -> Embedder:

@@ -15,6 +15,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from archipelago import storage
 from archipelago.config import DataConfig
+from archipelago.data.chunks import write_chunked_shard
 from archipelago.data.embedders import get_embedder
 from archipelago.data.partition import class_counts, class_majority_share, cluster_purity, partition
 from archipelago.data.shards import (
@@ -34,6 +35,21 @@ from archipelago.data.sources import load_source
 from archipelago.errors import DataError
 
 log = logging.getLogger(__name__)
+
+
+def streamed_preparation(cfg: DataConfig) -> bool:
+    """Whether `data prepare` reads the source lazily (archipelago.data.scale): always for WebDataset tars, and
+    for image folders prepared into chunked shards or that skip bad images."""
+    return cfg.source == "webdataset" or (
+        cfg.source == "image_folder" and (cfg.shard_format == "chunked" or cfg.on_bad_image == "skip"))
+
+
+def remove_unlisted_shards(out_url: str, keep: set[str]) -> None:
+    """Remove shard files/folders (e.g. of an earlier, larger K or another format) the manifest does not list."""
+    for name in storage.listdir(out_url):
+        if name.startswith("shard-") and name not in keep and (
+                name.endswith(".safetensors") or "." not in name):
+            storage.remove(storage.join(out_url, name), recursive=True)
 
 
 def _reusable(out_url: str, config_hash: str) -> ShardManifest | None:
@@ -71,8 +87,18 @@ def prepare_data(cfg: DataConfig, out_url: str, progress: bool = True) -> ShardM
         log.info("%s: reusing prepared data (config %s…)", out_url, config_hash[:12])
         return existing
 
-    # --- fail fast: the embedder validates its setup (dinov2 weights) before any data is read ---
+    if streamed_preparation(cfg):   # large or remote sources: read lazily, never all in memory
+        from archipelago.data.scale import prepare_streamed
+
+        return prepare_streamed(cfg, out_url, config_hash, progress=progress)
+
+    # --- fail fast: the embedder validates its setup (dinov2 weights) and the VAE loads before any data is read
     embedder = get_embedder(cfg.embedder, cfg)
+    codec = None
+    if cfg.vae is not None:
+        from archipelago.data.latents import VaeCodec
+
+        codec = VaeCodec(cfg.vae)
     k = cfg.num_clusters
     columns = (TextColumn("[bold]data prepare[/] {task.description}"), BarColumn(), MofNCompleteColumn(),
                TimeElapsedColumn())
@@ -99,6 +125,14 @@ def prepare_data(cfg: DataConfig, out_url: str, progress: bool = True) -> ShardM
                             f"values) for {n} samples")
         bar.update(task, advance=1, description=f"partition into K={k} ({cfg.partitioner})")
 
+        # --- latents: shards hold what the experts learn; the partition above used the pixels ---
+        stored, held_stored, latent = images, src.images[held], None
+        if codec is not None:
+            stored = codec.encode(images)                       # [N, c, h, w]
+            latent = codec.space(list(stored.shape[1:]), list(src.images.shape[1:]))
+            if len(held):                                       # the same space as the shards
+                held_stored = codec.encode(held_stored)
+
         # --- partition ---
         part = partition(emb, cfg)
         labels = labels_t.numpy()
@@ -111,28 +145,29 @@ def prepare_data(cfg: DataConfig, out_url: str, progress: bool = True) -> ShardM
         infos = []
         for s in range(k):
             idx = torch.from_numpy(np.flatnonzero(part.assign == s)).to(torch.int64)  # training positions
-            infos.append(write_shard(out_url, s, images[idx], labels_t[idx], train[idx]))
+            if cfg.shard_format == "chunked":
+                infos.append(write_chunked_shard(out_url, s, stored[idx], labels_t[idx], train[idx],
+                                                 int(cfg.chunk_mb * 2**20)))
+            else:
+                infos.append(write_shard(out_url, s, stored[idx], labels_t[idx], train[idx]))
             bar.update(task, advance=1, description=f"write {shard_file(s)}")
         holdout = None
         if len(held):
-            holdout = write_holdout(out_url, src.images[held], src.labels[held], held, cfg.holdout_fraction)
+            holdout = write_holdout(out_url, held_stored, src.labels[held], held, cfg.holdout_fraction)
         else:
             storage.remove(storage.join(out_url, HOLDOUT_FILE))
         manifest = ShardManifest(
             format_version=FORMAT_VERSION, source=src.name, num_clusters=k, num_samples=n,
             counts=part.counts, centroids=part.centroids.astype(float).tolist(), embedder=embedder.name,
-            seed=cfg.seed, partitioner=cfg.partitioner, image_shape=list(src.images.shape[1:]),
+            seed=cfg.seed, partitioner=cfg.partitioner, image_shape=list(stored.shape[1:]),
             num_classes=src.num_classes, data_config_hash=config_hash,
-            data_config=cfg.model_dump(mode="json"), shards=infos, purity=purity,
+            data_config=cfg.model_dump(mode="json"), shards=infos, purity=purity, latent=latent,
             class_counts=table.tolist(), class_majority_share=class_majority_share(table), holdout=holdout)
         write_manifest(out_url, manifest)
         bar.update(task, description="done")
 
     # Shards left over from an earlier, larger K are not in the manifest; remove them so the folder is clean.
-    keep = {i.file for i in infos}
-    for name in storage.listdir(out_url):
-        if name.startswith("shard-") and name.endswith(".safetensors") and name not in keep:
-            storage.remove(storage.join(out_url, name))
+    remove_unlisted_shards(out_url, {i.file for i in infos})
     log.info("%s: %d samples -> K=%d shards %s (imbalance %.2f, purity %s, held out %d)", out_url, n, k,
              part.counts, part.imbalance, "n/a" if purity is None else f"{purity:.3f}", len(held))
     return manifest

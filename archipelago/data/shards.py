@@ -13,6 +13,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from archipelago import storage
 from archipelago.config import DataConfig
+from archipelago.data.chunks import ChunkInfo, read_chunked_shard, verify_chunks
+from archipelago.data.latents import LatentSpace
 from archipelago.errors import DataError, StorageError
 
 FORMAT_VERSION = 1
@@ -24,9 +26,15 @@ def shard_file(k: int) -> str:
     return f"shard-{k:03d}.safetensors"
 
 
+# How training reads shards, and how many workers prepare them, do not change what `data prepare` writes:
+# left out of the data identity.
+READ_SIDE_FIELDS = frozenset({"loader", "shuffle_buffer", "prepare_workers"})
+
+
 def data_config_hash(cfg: DataConfig) -> str:
-    """sha256 of the canonical JSON of the data config (stable across key order)."""
-    blob = json.dumps(cfg.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    """sha256 of the canonical JSON of the data config (stable across key order; reading-side fields out)."""
+    blob = json.dumps(cfg.model_dump(mode="json", exclude=set(READ_SIDE_FIELDS)), sort_keys=True,
+                      separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
@@ -36,6 +44,9 @@ class ShardInfo(BaseModel):
     file: str = Field(description="File name relative to the data URL, shard-{k:03d}.safetensors.")
     sha256: str = Field(description="sha256 of the file's bytes.")
     count: int = Field(ge=1, description="Samples in the shard.")
+    chunks: list[ChunkInfo] | None = Field(
+        None, description="Chunked shards: the chunk files under `file` (a folder), in order; `sha256` is then "
+        "the sha256 of their sha256s. None: `file` is one safetensors file.")
 
 
 class HoldoutInfo(BaseModel):
@@ -72,6 +83,9 @@ class ShardManifest(BaseModel):
         None, description="Mean over classes of the share of the class in its largest shard: 1 when every "
         "class lives in one shard (what a class-conditional top-1 router needs), 1/K for random shards.")
     holdout: HoldoutInfo | None = Field(None, description="The held-out split (None: data.holdout_fraction=0).")
+    latent: LatentSpace | None = Field(
+        None, description="Set when shards hold VAE latents (image_shape is then the latent shape).")
+    bad_images: int = Field(0, ge=0, description="Unreadable images skipped (data.on_bad_image=skip).")
 
 
 @dataclass
@@ -219,6 +233,8 @@ def read_shard(data_url: str, k: int, verify: bool = True,
     if not 0 <= k < m.num_clusters:
         raise DataError(f"{data_url}: shard {k} does not exist (K={m.num_clusters})")
     info = m.shards[k]
+    if info.chunks is not None:
+        return read_chunked_shard(data_url, info, verify)
     return decode_shard(_shard_bytes(data_url, info, verify), storage.join(data_url, info.file), info.count)
 
 
@@ -236,6 +252,9 @@ def verify_shards(data_url: str, manifest: ShardManifest | None = None) -> Shard
     manifest."""
     m = manifest or load_manifest(data_url)
     for info in m.shards:
+        if info.chunks is not None:
+            verify_chunks(data_url, info)
+            continue
         decode_shard(_shard_bytes(data_url, info, verify=True), storage.join(data_url, info.file), info.count)
     read_holdout(data_url, manifest=m)
     return m

@@ -165,6 +165,8 @@ def train_expert(cfg: ArchipelagoConfig, shard: int, data_url: str, out_url: str
     Returns {final_checkpoint (URL or None), steps, start_step, final_loss, samples_per_s (checkpoint time
     excluded), strategy, world_size, checkpoint_s, wall_s, out_url, shard}.
     """
+    from archipelago.data.chunks import ChunkStream, chunk_refs, use_stream
+    from archipelago.data.latents import check_data_space, data_space
     from archipelago.data.shards import load_manifest, manifest_sha256, read_shard
     from archipelago.experts.ema import EMA
     from archipelago.experts.flow import flow_matching_loss
@@ -186,13 +188,25 @@ def train_expert(cfg: ArchipelagoConfig, shard: int, data_url: str, out_url: str
         rank_seed = ecfg.seed * world_size + rank
         callbacks = [JsonlMetricsCallback(storage.join(out_url, "metrics.jsonl")), *callbacks]
 
-        # ---- data: the whole shard in memory (shards are small), on the device -----------------------
+        # ---- data: the whole shard on the device, or (chunked shards) a stream of chunks ---------------
         manifest = load_manifest(data_url)
         ecfg = island_expert_config(cfg, manifest.num_clusters)   # this island's share of the budget
-        data = read_shard(data_url, shard, manifest=manifest)
-        images, labels = data.images.to(device), data.labels.to(device)
         micro = micro_batch_size(ecfg, world_size)
-        sampler = ShardSampler(len(data), world_size, rank, ecfg.seed)
+        info = manifest.shards[shard] if 0 <= shard < manifest.num_clusters else None
+        if info is not None and use_stream(cfg.data.loader, info.chunks is not None):
+            stream = ChunkStream(chunk_refs(data_url, info), rank, world_size, ecfg.seed, cfg.data.shuffle_buffer)
+
+            def micro_batch(i: int) -> tuple[torch.Tensor, torch.Tensor]:
+                x, y, _, _ = stream.batch(i, micro)
+                return x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        else:
+            data = read_shard(data_url, shard, manifest=manifest)
+            images, labels = data.images.to(device), data.labels.to(device)
+            sampler = ShardSampler(len(data), world_size, rank, ecfg.seed)
+
+            def micro_batch(i: int) -> tuple[torch.Tensor, torch.Tensor]:
+                idx = sampler.indices(i, micro)
+                return images[idx], labels[idx]
 
         # ---- model: identical init on every rank (seed), EMA copied before any wrapping --------------
         torch.manual_seed(ecfg.seed)
@@ -203,7 +217,8 @@ def train_expert(cfg: ArchipelagoConfig, shard: int, data_url: str, out_url: str
             "shard": shard, "shard_sha256": manifest.shards[shard].sha256,
             "data_manifest_sha256": manifest_sha256(data_url), "image_shape": manifest.image_shape,
             "num_classes": manifest.num_classes, "expert": ecfg.model_dump(mode="json"),
-            "flop_match": cfg.islands.flop_match, "num_clusters": manifest.num_clusters}
+            "flop_match": cfg.islands.flop_match, "num_clusters": manifest.num_clusters,
+            "data_space": data_space(manifest.latent)}
         manager = ckpt.CheckpointManager(out_url, keep=ecfg.keep_checkpoints, run_meta=ckpts_meta)
 
         # ---- resume: a finished run is returned as is; otherwise weights go in before wrapping, so every
@@ -225,6 +240,8 @@ def train_expert(cfg: ArchipelagoConfig, shard: int, data_url: str, out_url: str
         start_step = 0
         if resume_url is not None:
             resume_meta = ckpt.read_meta(resume_url)
+            check_data_space(resume_meta.get("data_space"), ckpts_meta["data_space"],
+                             storage.join(resume_url, ckpt.META), "this run's data holds")
             ckpt.check_resumable(resume_meta, resume_url, model, ecfg.strategy, world_size,
                                  ecfg.zero_stage if ecfg.strategy == "deepspeed" else None,
                                  expect={"shard": shard, "shard_sha256": ckpts_meta["shard_sha256"]})
@@ -291,9 +308,9 @@ def train_expert(cfg: ArchipelagoConfig, shard: int, data_url: str, out_url: str
             wrapped.set_lr(lr)
             step_loss = torch.zeros((), device=device)
             for m in range(ecfg.grad_accum):
-                idx = sampler.indices((step - 1) * ecfg.grad_accum + m, micro)
+                xb, yb = micro_batch((step - 1) * ecfg.grad_accum + m)
                 with amp:
-                    loss = flow_matching_loss(wrapped.module, images[idx], labels[idx], generator=noise)
+                    loss = flow_matching_loss(wrapped.module, xb, yb, generator=noise)
                 wrapped.backward(loss, sync=m == ecfg.grad_accum - 1)
                 step_loss += loss.detach()
             grad_norm = wrapped.step(skip_nonfinite=skip_mode)

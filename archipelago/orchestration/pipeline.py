@@ -330,6 +330,7 @@ def _samples_and_eval(cfg: ArchipelagoConfig, ensemble_url: str, ensemble_sha: s
         generate,
         load_sampler_model,
         save_samples,
+        to_pixels,
         write_picture,
     )
 
@@ -349,7 +350,7 @@ def _samples_and_eval(cfg: ArchipelagoConfig, ensemble_url: str, ensemble_sha: s
     labels = default_classes(inf.num_samples, model.num_classes)
     x = generate(model, inf.num_samples, cfg_scale=e.cfg_scale, seed=inf.seed, steps=e.sample_steps,
                  sampler=e.sampler, classes=labels)
-    write_picture(x, grid_url)
+    write_picture(to_pixels(x, getattr(model, "data_space", None), ensemble_url), grid_url)
     save_samples(samples_url, x, labels, meta=settings)
     scores = evaluate_samples(x, labels, data_url)
     out = {**scores, "settings": settings, "ensemble": ensemble_url, "grid": grid_url, "samples": samples_url,

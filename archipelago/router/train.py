@@ -106,17 +106,33 @@ def train_router(cfg: ArchipelagoConfig, data_url: str, out_url: str, callbacks:
 def _train(cfg: ArchipelagoConfig, data_url: str, out_url: str, callbacks: list[TrainCallback],
            class_conditional: bool, device: str | torch.device | None, manifest: Any, manifest_sha: str,
            identity: dict[str, Any], t_start: float, lease: RunLease) -> dict[str, Any]:
+    from archipelago.data.chunks import router_stream, use_stream
+    from archipelago.data.latents import data_space
     from archipelago.data.shards import read_all
 
     rcfg = cfg.router
 
     # ---- data: every shard, labels = shard ids; a held-out split for the metrics ---------------------
-    images, classes, cluster_ids = read_all(data_url)
+    #      (chunked shards stream through a shuffle buffer; the held-out split is then by source index)
     k = manifest.num_clusters
-    train_idx, eval_idx = _split(images.shape[0], rcfg.seed)
     dev = torch.device(device) if device is not None else torch.device(
         "cuda" if torch.cuda.is_available() else "cpu")
-    x_train, y_train, c_train = images[train_idx].to(dev), classes[train_idx].to(dev), cluster_ids[train_idx].to(dev)
+    if use_stream(cfg.data.loader, all(s.chunks is not None for s in manifest.shards)):
+        stream, held_out = router_stream(data_url, manifest, rcfg.seed, cfg.data.shuffle_buffer, HOLDOUT)
+
+        def next_batch() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            x, y, c, _ = stream.next_rows(rcfg.batch_size)
+            return x.to(dev), y.to(dev), c.to(dev)
+    else:
+        images, classes, cluster_ids = read_all(data_url)
+        train_idx, eval_idx = _split(images.shape[0], rcfg.seed)
+        held_out = (images[eval_idx], classes[eval_idx], cluster_ids[eval_idx])
+        x_train, y_train, c_train = (images[train_idx].to(dev), classes[train_idx].to(dev),
+                                     cluster_ids[train_idx].to(dev))
+
+        def next_batch() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            idx = torch.randint(x_train.shape[0], (rcfg.batch_size,), generator=g).to(dev)
+            return x_train[idx], y_train[idx], c_train[idx]
 
     # ---- model -----------------------------------------------------------------------------------------
     torch.manual_seed(rcfg.seed)
@@ -136,18 +152,16 @@ def _train(cfg: ArchipelagoConfig, data_url: str, out_url: str, callbacks: list[
         cb.on_start(info)
     loss_sum, correct, seen, window, t0 = 0.0, 0.0, 0, 0, time.perf_counter()
     final_loss = float("nan")
-    n_train = x_train.shape[0]
     guard = NonFiniteGuard(rcfg.on_nonfinite, rcfg.max_nonfinite_skips, f"router ({out_url})", "router.on_nonfinite")
     for step in range(1, total + 1):
         lr = _lr_at(step - 1, total, rcfg.lr, warmup)
         for group in opt.param_groups:
             group["lr"] = lr
-        idx = torch.randint(n_train, (rcfg.batch_size,), generator=g).to(dev)
-        x0 = x_train[idx]                                                          # [B, C, H, W]
+        x0, yb, cb = next_batch()                                                  # [B, C, H, W], [B], [B]
         eps = torch.randn(x0.shape, generator=g).to(dev)
         t = torch.rand(x0.shape[0], generator=g).to(dev)                          # uniform, see docstring
-        logits = router(interpolate(x0, eps, t), t, y_train[idx])                 # [B, K]
-        loss = F.cross_entropy(logits.float(), c_train[idx])
+        logits = router(interpolate(x0, eps, t), t, yb)                           # [B, K]
+        loss = F.cross_entropy(logits.float(), cb)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = float(torch.nn.utils.clip_grad_norm_(router.parameters(), float("inf")))
@@ -160,7 +174,7 @@ def _train(cfg: ArchipelagoConfig, data_url: str, out_url: str, callbacks: list[
                 raise
             guard.check(step, float(loss.detach()), float("inf"), weights_ok=False)
         loss_sum += float(loss.detach())
-        correct += float((logits.argmax(1) == c_train[idx]).float().sum())
+        correct += float((logits.argmax(1) == cb).float().sum())
         seen += x0.shape[0]
         window += 1
         if step % log_every == 0 or step == total:
@@ -176,14 +190,15 @@ def _train(cfg: ArchipelagoConfig, data_url: str, out_url: str, callbacks: list[
     guard.check(total, final_loss if window == 0 else loss_sum / window, 0.0,
                 weights_ok=params_finite([router]))   # never publish non-finite weights
     router.eval()
-    metrics = evaluate_router(router, images[eval_idx], classes[eval_idx], cluster_ids[eval_idx],
+    metrics = evaluate_router(router, *held_out,
                               t_bins=rcfg.t_bins, sample_steps=cfg.expert.sample_steps, seed=rcfg.seed + 1)
     metrics["final_loss"] = final_loss
     save_router(router.cpu(), out_url, lease=lease, meta={
         "num_experts": k, "data_manifest_sha256": manifest_sha, "config_hash": cfg.config_hash(),
         "router": rcfg.model_dump(mode="json"), "identity": identity, "step": total,
         "final_loss": final_loss, "metrics": metrics, "image_shape": list(manifest.image_shape),
-        "num_classes": manifest.num_classes, "partitioner": manifest.partitioner})
+        "num_classes": manifest.num_classes, "partitioner": manifest.partitioner,
+        "data_space": data_space(manifest.latent)})
     for cb in callbacks:
         cb.on_checkpoint(total, out_url)
     result = {"router": out_url, "steps": total, "final_loss": final_loss, "num_experts": k,
