@@ -48,7 +48,7 @@ def test_prepare_with_clip_in_memory_and_siglip_streamed(tmp_path):
     clip = save_tiny_vision("clip", tmp_path / "clip")
     m = prepare_data(DataConfig(num_clusters=3, embedder="clip", embedder_weights=str(clip)),
                      str(tmp_path / "a"), progress=False)
-    assert m.embedder == "clip" and len(m.centroids[0]) == 16 and sum(m.counts) == 1797
+    assert m.embedder == "clip" and len(m.centroids[0]) == 16 and sum(m.counts) + m.holdout.count == 1797
 
     from tests.data.test_data_scale import write_folder  # noqa: PLC0415 - shared picture generator
 
