@@ -82,8 +82,9 @@ class DataConfig(_Section):
         "fail", description="A corrupt/unreadable image: fail (one line naming the file) or skip (counted in "
         "the manifest). skip uses the streamed preparation.")
     kmeans_fit_samples: int = Field(
-        100_000, ge=1, description="Streamed preparation: at most this many embeddings feed MiniBatchKMeans "
-        "(and the pixel_pca fit); assignment is a second pass over all of them.")
+        20_000, ge=1, description="Streamed preparation: MiniBatchKMeans (and the pixel_pca fit) learn from the "
+        "first this-many embeddings, a sample that does not grow with the data (faiss uses 256 per centroid); "
+        "assignment is a second pass over all of them.")
     # --- reading side: how training loads shards (not part of the prepared data's identity) ---
     loader: Literal["auto", "memory", "stream"] = Field(
         "auto", description="memory: load the shard whole; stream: read chunks through a shuffle buffer "

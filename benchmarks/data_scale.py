@@ -5,8 +5,9 @@ is generated at each size; for each size, in fresh processes (peak RSS = the pro
   prepare   `data prepare` streamed: image folder -> tiny random AutoencoderKL (64x64x3 -> 4x8x8 latents)
             -> pixel_pca on latents -> MiniBatchKMeans K=4 -> chunked shards (chunk_mb 4); wall time, peak RSS
   island    one expert (DiT, hidden 64, depth 2) trained on shard 0: in-RAM loader vs streamed loader, from
-            local disk and from a real S3 endpoint (moto_server); samples/s from the loop (data loading
-            included, checkpoint writes excluded), peak RSS; alternated, median of --repeats
+            local disk and from a real S3 endpoint (moto_server); samples/s = batch / median step time over
+            the loop's 10-step windows (data loading included, start-up and checkpoints excluded), peak RSS;
+            arms alternated, median of --repeats
   loader    rows/s of the data path alone, no model: in-RAM indexing vs ChunkStream vs Ray Data
             (read_binary_files -> decode -> iter_torch_batches with a local shuffle buffer), largest size
 
@@ -127,7 +128,13 @@ def child_train(spec: dict[str, Any]) -> dict[str, Any]:
                                             "expert": {**EXPERT, "steps": spec["steps"]}})
     shutil.rmtree(spec["out"], ignore_errors=True)
     res = train_expert(cfg, 0, spec["data_url"], spec["out"], resume=False)
-    return {"samples_per_s": res["samples_per_s"], "wall_s": res["wall_s"], "peak_rss_mib": _rss_mib(),
+    # Median over the loop's metric windows (first one, with start-up, excluded): robust to bursts of load
+    # from other jobs on a shared machine, unlike the mean over the whole loop.
+    rows = [json.loads(ln) for ln in (Path(spec["out"]) / "metrics.jsonl").read_text().splitlines() if ln.strip()]
+    windows = [r["step_time_s"] for r in rows if "step_time_s" in r]
+    steps = windows[1:] or windows
+    return {"samples_per_s": EXPERT["batch_size"] / statistics.median(steps), "samples_per_s_mean":
+            res["samples_per_s"], "wall_s": res["wall_s"], "peak_rss_mib": _rss_mib(),
             "final_loss": res["final_loss"]}
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -248,29 +249,42 @@ class ChunkStream:
         return rows
 
     def _rows(self, epoch: int) -> Iterator[tuple[torch.Tensor, ...]]:
-        """Shuffled row blocks from `epoch` on, forever; the next chunks load on threads meanwhile."""
+        """Shuffled row blocks from `epoch` on, forever. The next `prefetch` chunks load on threads meanwhile,
+        across epoch boundaries too, so the loop never waits for a chunk unless the store is slower than it."""
+        def refs() -> Iterator[tuple[int, ChunkRef]]:
+            e = epoch
+            while True:
+                for r in self._order(e):
+                    yield e, r
+                e += 1
+
+        src = refs()
+        pending: deque[tuple[int, Future]] = deque()
+        for _ in range(self._prefetch):
+            e, r = next(src)
+            pending.append((e, self._pool.submit(self._load, r)))
+        current = epoch
+        g = self._generator(current)
+        pool: tuple[torch.Tensor, ...] | None = None
         while True:
-            order = self._order(epoch)
-            g = torch.Generator().manual_seed((self.seed * 1_000_003 + self.rank) * 65_537 + epoch)
-            pending: list[Future] = [self._pool.submit(self._load, r) for r in order[:self._prefetch]]
-            nxt = len(pending)
-            pool: tuple[torch.Tensor, ...] | None = None
-            while pending:
-                chunk = pending.pop(0).result()
-                if nxt < len(order):
-                    pending.append(self._pool.submit(self._load, order[nxt]))
-                    nxt += 1
-                pool = chunk if pool is None else tuple(torch.cat([a, b]) for a, b in zip(pool, chunk))
-                n = pool[0].shape[0]
-                if n > self.buffer:
-                    perm = torch.randperm(n, generator=g)
-                    emit, keep = perm[: n - self.buffer], perm[n - self.buffer:]
-                    yield tuple(t[emit] for t in pool)
-                    pool = tuple(t[keep] for t in pool)
-            if pool is not None and pool[0].shape[0]:
-                perm = torch.randperm(pool[0].shape[0], generator=g)
-                yield tuple(t[perm] for t in pool)
-            epoch += 1
+            e, fut = pending.popleft()
+            e_next, r_next = next(src)
+            pending.append((e_next, self._pool.submit(self._load, r_next)))
+            if e != current:                                  # epoch `current` is over: flush its pool
+                if pool is not None and pool[0].shape[0]:
+                    yield tuple(t[torch.randperm(pool[0].shape[0], generator=g)] for t in pool)
+                pool, current, g = None, e, self._generator(e)
+            chunk = fut.result()
+            pool = chunk if pool is None else tuple(torch.cat([a, b]) for a, b in zip(pool, chunk))
+            n = pool[0].shape[0]
+            if n > self.buffer:
+                perm = torch.randperm(n, generator=g)
+                emit, keep = perm[: n - self.buffer], perm[n - self.buffer:]
+                yield tuple(t[emit] for t in pool)
+                pool = tuple(t[keep] for t in pool)
+
+    def _generator(self, epoch: int) -> torch.Generator:
+        return torch.Generator().manual_seed((self.seed * 1_000_003 + self.rank) * 65_537 + epoch)
 
     def _seek(self, pos: int) -> None:
         epoch = 0

@@ -50,14 +50,36 @@ class Record:
 # Sources, read lazily
 # ----------------------------------------------------------------------------------------------------
 
+def list_images_lazily(url: str) -> tuple[Any, list[str]]:
+    """(fs, sorted image paths) of a folder (walked one directory at a time, so listing a million files holds
+    one directory's details at once, not all of them) or a glob URL."""
+    from archipelago.data.sources import IMAGE_EXTENSIONS
+
+    fs, path = storage.filesystem(url)
+    try:
+        if any(ch in path for ch in "*?["):
+            found = [str(p) for p in fs.glob(path)]
+        elif fs.isdir(path):
+            found = []
+            for root, _, files in fs.walk(path, detail=False):
+                found.extend(f"{root.rstrip('/')}/{f}" for f in files if f.lower().endswith(IMAGE_EXTENSIONS))
+        elif fs.exists(path):
+            found = [path]
+        else:
+            found = []
+    except Exception as exc:  # noqa: BLE001 - backends raise anything; map to one line
+        raise DataError(storage.redact(f"{url}: cannot list images ({type(exc).__name__}: {exc})")) from None
+    return fs, sorted(p for p in found if p.lower().endswith(IMAGE_EXTENSIONS))
+
+
 class ImageFolderRecords:
     """Every image under a folder/glob URL; class = parent folder (sorted names), read a batch at a time."""
 
     def __init__(self, url: str):
-        from archipelago.data.sources import IMAGE_EXTENSIONS, _list_images
+        from archipelago.data.sources import IMAGE_EXTENSIONS
 
         self.url = url
-        self.fs, self.files = _list_images(url)
+        self.fs, self.files = list_images_lazily(url)
         if not self.files:
             raise DataError(f"{url}: no images found (looked for {', '.join(IMAGE_EXTENSIONS)}); check data.path")
         parents = [PurePosixPath(f).parent.as_posix() for f in self.files]
@@ -403,6 +425,9 @@ class _Features:
             yield url
             seen += int(_read_part(url)[1]["records"])
 
+    def dim(self, f: np.ndarray) -> int:
+        return int(f.shape[1])
+
     def _standard(self, x: torch.Tensor) -> np.ndarray:
         return (x.flatten(1).double().numpy() - self.mean) / self.std
 
@@ -424,31 +449,41 @@ def cluster_streamed(parts: list[str], features: _Features, cfg: DataConfig, n: 
 
     k = cfg.num_clusters
     # Pass 3: fit on the first `kmeans_fit_samples` embeddings, a sample whose size does not grow with N
-    # (partial_fit alone would make one mini-batch step per call, too few on small data).
-    fit: list[np.ndarray] = []
+    # (partial_fit alone would make one mini-batch step per call, too few on small data). Every array that
+    # lives across parts is allocated once up front: small long-lived pieces between the parts' transient
+    # buffers would pin the heap and make RSS grow with the number of parts.
+    fit: np.ndarray | None = None
     seen = 0
     for url in parts:
-        if seen >= cfg.kmeans_fit_samples:
+        if seen >= min(cfg.kmeans_fit_samples, n):
             break
         f = features(_read_part(url)[0])[: cfg.kmeans_fit_samples - seen]
-        fit.append(f)
+        if not f.shape[0]:
+            continue
+        if fit is None:
+            fit = np.empty((min(cfg.kmeans_fit_samples, n), features.dim(f)), np.float32)
+        fit[seen:seen + f.shape[0]] = f
         seen += f.shape[0]
+    assert fit is not None
     km = MiniBatchKMeans(n_clusters=k, random_state=cfg.seed, batch_size=_FIT_BATCH, n_init=3)
-    km.fit(np.concatenate(fit))
+    km.fit(fit[:seen])
+    del fit
     centers = km.cluster_centers_.astype(np.float64)
 
-    sqdist, labels = [], []                                # pass 4: distances for the balanced assignment
+    d = np.empty((n, k), np.float32)                        # pass 4: distances for the balanced assignment
+    labels = np.empty(n, np.int64)
+    pos = 0
     for url in parts:
         part = _read_part(url)[0]
         f = features(part).astype(np.float64)
-        if not f.shape[0]:
-            continue
-        sqdist.append(((f[:, None, :] - centers[None]) ** 2).sum(-1))   # [n, K]
-        labels.append(part["labels"].numpy())
-    d = np.concatenate(sqdist)
+        m = f.shape[0]
+        if m:
+            d[pos:pos + m] = ((f[:, None, :] - centers[None]) ** 2).sum(-1)   # [m, K]
+            labels[pos:pos + m] = part["labels"].numpy()
+            pos += m
     lo, hi = size_bounds(n, k, cfg.max_imbalance)
     assign = rebalance(d, d.argmin(1), lo, hi)
-    return assign, member_means(parts, features, assign, k), np.concatenate(labels)
+    return assign, member_means(parts, features, assign, k), labels
 
 
 def member_means(parts: list[str], features: _Features, assign: np.ndarray, k: int) -> np.ndarray:
