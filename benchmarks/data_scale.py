@@ -202,7 +202,7 @@ def run_child(kind: str, spec: dict[str, Any], env: dict[str, str] | None = None
     if lock:   # anything starting Ray shares the machine-wide heavy lock
         cmd = ["flock", "/tmp/archipelago-heavy.lock", *cmd]
     full = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), **(env or {})}
-    p = subprocess.run(cmd, capture_output=True, text=True, env=full, cwd=REPO, timeout=3600)
+    p = subprocess.run(cmd, capture_output=True, text=True, env=full, cwd=REPO, timeout=3600, check=False)
     if p.returncode != 0:
         raise SystemExit(f"child {kind} failed:\n{p.stderr[-3000:]}")
     return json.loads(p.stdout.strip().splitlines()[-1])

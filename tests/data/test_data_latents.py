@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from archipelago.config import ArchipelagoConfig, DataConfig, VaeConfig
-from archipelago.data import load_manifest, prepare_data, read_shard
+from archipelago.data import prepare_data, read_shard
 from archipelago.data.latents import VaeCodec, vae_sha256
 from archipelago.errors import CheckpointError, DataError
 

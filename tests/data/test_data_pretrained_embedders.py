@@ -50,7 +50,7 @@ def test_prepare_with_clip_in_memory_and_siglip_streamed(tmp_path):
                      str(tmp_path / "a"), progress=False)
     assert m.embedder == "clip" and len(m.centroids[0]) == 16 and sum(m.counts) + m.holdout.count == 1797
 
-    from tests.data.test_data_scale import write_folder  # noqa: PLC0415 - shared picture generator
+    from tests.data.test_data_scale import write_folder
 
     write_folder(str(tmp_path / "img"), per_class=10)
     siglip = save_tiny_vision("siglip", tmp_path / "siglip")

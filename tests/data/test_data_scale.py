@@ -79,7 +79,7 @@ def test_image_folder_on_s3_streamed_with_bad_images(s3_env):
         s.close()
     got = torch.cat(seen)
     assert got.shape[0] == len(whole)
-    key = lambda t: sorted(map(tuple, t.flatten(1).tolist()))  # noqa: E731
+    key = lambda t: sorted(map(tuple, t.flatten(1).tolist()))
     assert key(got) == key(whole.images)
 
     with pytest.raises(DataError, match=r"broken-0\.png: not a readable image.*on_bad_image=skip"):
@@ -160,10 +160,10 @@ def test_killed_prepare_resumes_to_the_same_manifest(tmp_path):
     assert 5 <= staged < 150
 
     done = subprocess.run([*cmd, "--out", str(killed)], env=env, cwd=REPO, capture_output=True, text=True,
-                          timeout=300)
+                          timeout=300, check=False)
     assert done.returncode == 0, done.stderr
     clean = subprocess.run([*cmd, "--out", str(tmp_path / "clean")], env=env, cwd=REPO, capture_output=True,
-                           text=True, timeout=300)
+                           text=True, timeout=300, check=False)
     assert clean.returncode == 0, clean.stderr
     a, b = (json.loads((tmp_path / d / "manifest.json").read_text()) for d in ("killed", "clean"))
     assert a == b and load_manifest(str(killed)).num_samples == 2400
@@ -178,7 +178,7 @@ def test_router_streams_chunked_shards_with_a_disjoint_holdout(tmp_path):
     data = str(tmp_path / "data")
     m = prepare_data(_cfg(str(tmp_path / "img")), data, progress=False)
     stream, (ex, ey, ec) = router_stream(data, m, seed=0, buffer=16, holdout=0.1)
-    x, y, c, idx = stream.next_rows(200)
+    _, _, c, idx = stream.next_rows(200)
     assert not heldout_mask(idx, 0, 0.1).any() and 0 < ex.shape[0] < 30     # never trains on held-out rows
     assert set(c.tolist()) == {0, 1} and ec.shape == ey.shape == (ex.shape[0],)
     stream.close()
@@ -202,7 +202,7 @@ def test_parallel_preparation_with_ray_actors_matches_sequential(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "RAY_USAGE_STATS_ENABLED": "0"}
     p = subprocess.run([sys.executable, "-m", "archipelago.cli", "data", "prepare", "--config", str(conf),
                         "--out", str(tmp_path / "par")], env=env, cwd=REPO, capture_output=True, text=True,
-                       timeout=300)
+                       timeout=300, check=False)
     assert p.returncode == 0, p.stderr
     par = load_manifest(str(tmp_path / "par"))
     assert par.data_config_hash == seq.data_config_hash and par.bad_images == seq.bad_images == 1

@@ -42,6 +42,6 @@ def test_pipeline_trains_on_streamed_latent_chunks(make_config, tmp_path):
     assert m.latent is not None and all(len(s.chunks or []) > 1 for s in m.shards)
     ens = load_ensemble(str(root / "ensemble.json"))
     assert ens.data_space["kind"] == "latent" and ens.image_shape == (4, 8, 8)
-    grid = sorted((root / "samples").glob("*.png"))[0]
+    grid = min((root / "samples").glob("*.png"))
     with Image.open(grid) as im:                    # 16 samples: 4x4 tiles of decoded 16x16 RGB images
         assert im.mode == "RGB" and im.size == ((4 * 17 + 1) * 4,) * 2
