@@ -36,7 +36,7 @@ def trained(tmp_path_factory) -> dict[str, str]:
                              "expert.num_heads=2", "expert.steps=120", "expert.batch_size=32",
                              "expert.lr=0.002", "expert.warmup_steps=10", "expert.checkpoint_every=1000",
                              "expert.ema_decay=0.95", "router.steps=60", "router.hidden_size=16",
-                             "router.depth=1", "tracking.enabled=false"])
+                             "router.depth=1", "tracking.enabled=false", "islands.flop_match=none"])
     data = str(root / "data")
     prepare_data(cfg.data, data, progress=False)
     experts = [train_expert(cfg, k, data, str(root / f"expert-{k}"))["final_checkpoint"] for k in (0, 1)]
