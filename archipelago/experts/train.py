@@ -48,6 +48,13 @@ log = logging.getLogger(__name__)
 # Pieces the loop uses: LR schedule, data order, distributed setup
 # ----------------------------------------------------------------------------------------------------
 
+# Under torchrun the gloo group we created must not be destroyed from Python: when DDP's Reducer, its last
+# owner, is freed (at train_expert's return) ~ProcessGroupGloo joins its worker thread while this thread holds
+# the GIL, and a worker still releasing a tensor made in Python waits for the GIL: both hang (seen under load,
+# rank 1 stuck in ~ProcessGroupGloo after rank 0 finished). `_exit` leaves with os._exit right after anyway.
+_OWNERS_OF_THE_GROUP: list[Any] = []
+
+
 def lr_at(step: int, cfg: ExpertConfig) -> float:
     """LR of optimizer step `step` (0-based): linear warm-up to cfg.lr, then cosine to lr * lr_min_ratio."""
     if step < cfg.warmup_steps:
@@ -275,6 +282,8 @@ def train_expert(cfg: ArchipelagoConfig, shard: int, data_url: str, out_url: str
 
         # ---- strategy ----------------------------------------------------------------------------------
         wrapped = apply_strategy(model, ecfg, device)
+        if created_group and world_size > 1:
+            _OWNERS_OF_THE_GROUP.append(wrapped)     # see _OWNERS_OF_THE_GROUP: freed only by os._exit
         ema.to(device)
         torch.manual_seed(rank_seed)                       # label dropout draws from the global RNG
         noise = torch.Generator(device=device).manual_seed(rank_seed)   # noise and t
