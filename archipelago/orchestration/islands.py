@@ -33,7 +33,7 @@ from typing import Any, Literal
 
 from archipelago import storage
 from archipelago.cluster.spec import TRAINING_FIELDS_EXCLUDED, IslandPlan, redact_address
-from archipelago.config import ArchipelagoConfig, dump_config
+from archipelago.config import ArchipelagoConfig, dump_config, island_expert_config
 from archipelago.errors import (ArchipelagoError, CheckpointError, ConfigError, DivergenceError, StorageError,
                                 failure_line)
 from archipelago.experts.callbacks import TrainCallback
@@ -93,8 +93,9 @@ def completed_expert(plan: IslandPlan, cfg: ArchipelagoConfig, data_manifest_sha
         from archipelago.data.shards import manifest_sha256
 
         data_manifest_sha256 = manifest_sha256(plan.data_url)
-    want = training_fields(cfg.expert.model_dump(mode="json"))
-    checks = {"final": (meta.get("final"), True), "step": (meta.get("step"), cfg.expert.steps),
+    island = island_expert_config(cfg, cfg.data.num_clusters)   # what the island trains with (flop_match)
+    want = training_fields(island.model_dump(mode="json"))
+    checks = {"final": (meta.get("final"), True), "step": (meta.get("step"), island.steps),
               "shard": (meta.get("shard"), plan.shard), "shard_sha256": (meta.get("shard_sha256"), plan.shard_sha256),
               "data_manifest_sha256": (meta.get("data_manifest_sha256"), data_manifest_sha256),
               "expert": (training_fields(meta.get("expert") or {}), want)}
