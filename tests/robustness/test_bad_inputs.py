@@ -7,7 +7,7 @@ inputs it must not touch are byte-identical afterwards).
 |---|---|---|---|
 | config | config-unknown-field | `expert.depht: 3` in the YAML file | `<file>: unknown field 'expert.depht' (known: ...)` |
 | config | config-wrong-type | `expert.lr: fast` in the YAML file | `<file>: field 'expert.lr': Input should be a valid number ... (got 'fast')` |
-| config | config-k-larger-than-data | image folder of 3 images, `data.num_clusters=5` | `data.num_clusters=5 is larger than the number of samples (3) ...` |
+| config | config-k-larger-than-data | image folder of 3 images, `data.num_clusters=5` | `data.num_clusters=5 is larger than the number of training samples (3) ...` |
 | config | config-zero-workers | `archipelago train --set islands.num_workers=0` | `<file> + --set: field 'islands.num_workers': ... greater than or equal to 1 (got 0)` |
 | config | config-unknown-strategy | `--set expert.strategy=horovod` | `field 'expert.strategy' ... (got 'horovod'); allowed: single \\| ddp \\| fsdp2 \\| deepspeed` |
 | config | config-negative-steps | `--set expert.steps=-5` | `field 'expert.steps': ... greater than or equal to 1 (got -5)` |
@@ -363,7 +363,7 @@ def _n_router(a, ws, ctx):
 CASES = [
     Case("config-unknown-field", ("bad.yaml", "unknown field 'expert.depht'", "known:"), _c_unknown_field),
     Case("config-wrong-type", ("bad.yaml", "field 'expert.lr'", "valid number", "'fast'"), _c_wrong_type),
-    Case("config-k-larger-than-data", ("data.num_clusters=5", "number of samples (3)"), _c_k_too_large),
+    Case("config-k-larger-than-data", ("data.num_clusters=5", "number of training samples (3)"), _c_k_too_large),
     Case("config-zero-workers", ("tiny.yaml + --set", "field 'islands.num_workers'", "greater than or equal to 1",
                                  "(got 0)"), _c_zero_workers),
     Case("config-unknown-strategy", ("field 'expert.strategy'", "'horovod'", "single | ddp | fsdp2 | deepspeed"),
