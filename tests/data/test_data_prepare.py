@@ -9,6 +9,7 @@ import pytest
 from archipelago import storage
 from archipelago.config import DataConfig
 from archipelago.data import load_manifest, manifest_sha256, prepare_data, read_all, read_shard
+from archipelago.data.shards import read_holdout
 from archipelago.errors import DataError
 
 
@@ -113,7 +114,9 @@ def test_prepare_to_s3_moto(s3_env):
     assert load_manifest(url) == m
     assert prepare_data(DataConfig(num_clusters=2, seed=0), url, progress=False) == m  # reused
     images, _, cluster_ids = read_all(url)
-    assert images.shape == (1797, 1, 16, 16) and cluster_ids.unique().tolist() == [0, 1]
+    assert images.shape == (1797 - m.holdout.count, 1, 16, 16) and cluster_ids.unique().tolist() == [0, 1]
+    held = read_holdout(url)  # the held-out split travels through S3 too, checksummed like a shard
+    assert held is not None and held.images.shape[0] == m.holdout.count > 0
     storage.write_bytes(storage.join(url, "shard-001.safetensors"), b"tampered")
     with pytest.raises(DataError, match="shard-001.safetensors"):
         read_shard(url, 1)
