@@ -29,11 +29,12 @@ batch-protocol arms (its cost dominated the grid; the steps-protocol arms were m
     python benchmarks/ddm_vs_monolithic.py --stage curve --budget 64 --device cuda   # on a GPU
     python benchmarks/ddm_vs_monolithic.py --plot                                    # FD vs FLOPs PNG
     python benchmarks/ddm_vs_monolithic.py --quick                                   # smoke run, ~2 min
-Trained experts/routers are cached under --work by config hash (a re-run only samples).
+Trained experts/routers are cached under --work by config hash, scored rows too (an interrupted run resumes).
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import multiprocessing as mp
@@ -337,16 +338,38 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict[str, Any]] = []
     pool = ProcessPoolExecutor(args.jobs, mp_context=ctx)
 
+    row_cache = work / "rows"
+    row_cache.mkdir(parents=True, exist_ok=True)
+
+    def row_file(a: str, m: str, g: float) -> Path:
+        """A scored row is cached under a key of everything it depends on (the trained models are fingerprinted
+        by their final losses, so a retrained arm never reuses an old row): an interrupted run resumes."""
+        key = json.dumps([sources[a], report_arms[a]["final_losses"], report_arms[a].get("router_metrics"), m, g,
+                          args.n, args.sample_steps, args.seed, args.device, args.boots, scorer.floor],
+                         sort_keys=True, default=str)
+        return row_cache / f"{hashlib.sha256(key.encode()).hexdigest()[:20]}.json"
+
     def run_many(specs: list[tuple[str, str, float]]) -> None:
-        """Sample and score (arm, mode, cfg) triples not done yet, in parallel."""
+        """Sample and score (arm, mode, cfg) triples not done yet (in this run or a cached one), in parallel."""
         have = {(r_["arm"], r_["mode"], r_["cfg"]) for r_ in rows}
-        todo = [s for s in dict.fromkeys(specs) if s not in have]
+        todo = []
+        for a, m, g in dict.fromkeys(specs):
+            if (a, m, g) in have:
+                continue
+            f = row_file(a, m, g)
+            if f.exists():
+                rows.append({**json.loads(f.read_text()), "cached": True})
+            else:
+                todo.append((a, m, g))
         futs = [pool.submit(_sample_job, sources[a], m, args.n, g, args.sample_steps, args.seed, args.device)
                 for a, m, g in todo]
         for (a, m, g), fut in zip(todo, futs):
             x, cost = fut.result()
             row = {"arm": a, "mode": m, "cfg": g, **scorer(x, labels), **cost}
             rows.append(row)
+            tmp = row_file(a, m, g).with_suffix(".tmp")
+            tmp.write_text(json.dumps(row))
+            tmp.replace(row_file(a, m, g))
             log(f"{a} {m} cfg {g:g}: FD {row['fd']:.2f} ± {row['fd_boot_std']:.2f}, class-cons "
                 f"{row['class_consistency']:.3f}, memo {row['memorisation']:.3f}")
 
