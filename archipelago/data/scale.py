@@ -440,28 +440,31 @@ class _Features:
         return self.pca.transform(self._standard(x)).astype(np.float32)
 
 
-def cluster_streamed(parts: list[str], features: _Features, cfg: DataConfig, n: int
+def cluster_streamed(parts: list[str], features: _Features, cfg: DataConfig, keep: np.ndarray
                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(assign [N], centroids [K, D] = member means, labels [N]) with MiniBatchKMeans + `rebalance`."""
+    """(assign [N], centroids [K, D] = member means, labels [N]) with MiniBatchKMeans + `rebalance`.
+    Samples outside `keep` (the held-out split) shape nothing and get shard -1."""
     from sklearn.cluster import MiniBatchKMeans
 
     from archipelago.data.partition import rebalance, size_bounds
 
     k = cfg.num_clusters
+    n, n_train = keep.shape[0], int(keep.sum())
     # Pass 3: fit on the first `kmeans_fit_samples` embeddings, a sample whose size does not grow with N
     # (partial_fit alone would make one mini-batch step per call, too few on small data). Every array that
     # lives across parts is allocated once up front: small long-lived pieces between the parts' transient
     # buffers would pin the heap and make RSS grow with the number of parts.
     fit: np.ndarray | None = None
-    seen = 0
+    seen = pos = 0
     for url in parts:
-        if seen >= min(cfg.kmeans_fit_samples, n):
+        if seen >= min(cfg.kmeans_fit_samples, n_train):
             break
-        f = features(_read_part(url)[0])[: cfg.kmeans_fit_samples - seen]
+        f = features(_read_part(url)[0])
+        f, pos = f[keep[pos:pos + f.shape[0]]][: cfg.kmeans_fit_samples - seen], pos + f.shape[0]
         if not f.shape[0]:
             continue
         if fit is None:
-            fit = np.empty((min(cfg.kmeans_fit_samples, n), features.dim(f)), np.float32)
+            fit = np.empty((min(cfg.kmeans_fit_samples, n_train), features.dim(f)), np.float32)
         fit[seen:seen + f.shape[0]] = f
         seen += f.shape[0]
     assert fit is not None
@@ -481,24 +484,27 @@ def cluster_streamed(parts: list[str], features: _Features, cfg: DataConfig, n: 
             d[pos:pos + m] = ((f[:, None, :] - centers[None]) ** 2).sum(-1)   # [m, K]
             labels[pos:pos + m] = part["labels"].numpy()
             pos += m
-    lo, hi = size_bounds(n, k, cfg.max_imbalance)
-    assign = rebalance(d, d.argmin(1), lo, hi)
+    lo, hi = size_bounds(n_train, k, cfg.max_imbalance)
+    assign = np.full(n, -1, np.int64)
+    d = d[keep]
+    assign[keep] = rebalance(d, d.argmin(1), lo, hi)
     return assign, member_means(parts, features, assign, k), labels
 
 
 def member_means(parts: list[str], features: _Features, assign: np.ndarray, k: int) -> np.ndarray:
-    """Mean embedding of each shard's members (what the manifest records as centroids), one more pass."""
+    """Mean embedding of each shard's members (what the manifest records as centroids), one more pass;
+    samples assigned -1 (held out) are skipped."""
     sums: np.ndarray | None = None
     pos = 0
     for url in parts:
         f = features(_read_part(url)[0]).astype(np.float64)
         if not f.shape[0]:
             continue
+        a, pos = assign[pos:pos + f.shape[0]], pos + f.shape[0]
         sums = np.zeros((k, f.shape[1])) if sums is None else sums
-        np.add.at(sums, assign[pos:pos + f.shape[0]], f)
-        pos += f.shape[0]
+        np.add.at(sums, a[a >= 0], f[a >= 0])
     assert sums is not None
-    return (sums / np.bincount(assign, minlength=k).clip(min=1)[:, None]).astype(np.float32)
+    return (sums / np.bincount(assign[assign >= 0], minlength=k).clip(min=1)[:, None]).astype(np.float32)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -520,9 +526,17 @@ def prepare_streamed(cfg: DataConfig, out_url: str, config_hash: str, progress: 
     from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
 
     from archipelago.data.chunks import ChunkWriter
-    from archipelago.data.partition import cluster_purity
-    from archipelago.data.prepare import _progress, remove_unlisted_shards
-    from archipelago.data.shards import FORMAT_VERSION, MANIFEST, ShardManifest, write_manifest, write_shard
+    from archipelago.data.partition import class_counts, class_majority_share, cluster_purity
+    from archipelago.data.prepare import _progress, holdout_split, remove_unlisted_shards
+    from archipelago.data.shards import (
+        FORMAT_VERSION,
+        HOLDOUT_FILE,
+        MANIFEST,
+        ShardManifest,
+        write_holdout,
+        write_manifest,
+        write_shard,
+    )
 
     # --- fail fast: embedder weights, VAE, source listing -------------------------------------------
     emb_name, embed = _embed_fn(cfg)
@@ -564,24 +578,31 @@ def prepare_streamed(cfg: DataConfig, out_url: str, config_hash: str, progress: 
         k = cfg.num_clusters
         if n == 0 or shape is None:
             raise DataError(f"{records.name}: no readable images ({bad} unreadable skipped)")
-        if k > n:
-            raise DataError(f"data.num_clusters={k} is larger than the number of samples ({n}) in source "
-                            f"{records.name!r}; lower data.num_clusters")
+        # The held-out split: seeded positions in the staged order (a function of the readable sample count),
+        # never clustered or sharded; they get shard -1 below.
+        held = holdout_split(n, cfg.holdout_fraction, cfg.seed)[1].numpy()
+        keep = np.ones(n, dtype=bool)
+        keep[held] = False
+        n_train = int(keep.sum())
+        if k > n_train:
+            raise DataError(f"data.num_clusters={k} is larger than the number of training samples ({n_train}) "
+                            f"in source {records.name!r}; lower data.num_clusters (or data.holdout_fraction)")
         num_classes = records.num_classes or max_label + 1
 
         # --- passes 2-4 ---
-        bar.update(task, description=f"cluster {n} samples (MiniBatchKMeans K={k})")
+        bar.update(task, description=f"cluster {n_train} samples (MiniBatchKMeans K={k})")
         features = _Features(parts, embed is not None, cfg.embed_dim, cfg.kmeans_fit_samples, cfg.seed)
         if cfg.partitioner == "random":
-            perm = np.random.default_rng(cfg.seed).permutation(n)
-            assign = np.empty(n, dtype=np.int64)
-            assign[perm] = np.arange(n) % k
+            perm = np.random.default_rng(cfg.seed).permutation(n_train)
+            assign = np.full(n, -1, dtype=np.int64)
+            assign[np.flatnonzero(keep)[perm]] = np.arange(n_train) % k
             labels = np.concatenate([_read_part(u)[0]["labels"].numpy() for u in parts])
             centroids = member_means(parts, features, assign, k)
         else:
-            assign, centroids, labels = cluster_streamed(parts, features, cfg, n)
-        counts = np.bincount(assign, minlength=k).tolist()
-        purity = cluster_purity(assign, labels) if num_classes > 1 else None
+            assign, centroids, labels = cluster_streamed(parts, features, cfg, keep)
+        counts = np.bincount(assign[keep], minlength=k).tolist()
+        purity = cluster_purity(assign[keep], labels[keep]) if num_classes > 1 else None
+        table = class_counts(assign[keep], labels[keep], k, num_classes)
 
         # --- pass 5: shards, one at a time (memory: one part + one chunk) ---
         infos = []
@@ -606,16 +627,34 @@ def prepare_streamed(cfg: DataConfig, out_url: str, config_hash: str, progress: 
                 infos.append(writer.finish())
             else:
                 infos.append(write_shard(out_url, s, *(torch.cat([w[j] for w in whole]) for j in range(3))))
+        # The held-out split is one file (evaluation reads it whole): its memory is holdout_fraction x data.
+        holdout = None
+        if len(held):
+            bar.update(task, description=f"write the held-out split ({len(held)})")
+            rows, pos = [], 0
+            for url in parts:
+                t = _read_part(url)[0]
+                m = t["labels"].shape[0]
+                sel = torch.from_numpy(np.flatnonzero(~keep[pos:pos + m]))
+                pos += m
+                if sel.numel():
+                    rows.append((t["x"][sel], t["labels"][sel], t["index"][sel]))
+            holdout = write_holdout(out_url, *(torch.cat([r[j] for r in rows]) for j in range(3)),
+                                    cfg.holdout_fraction)
+            del rows
+        else:
+            storage.remove(storage.join(out_url, HOLDOUT_FILE))
         manifest = ShardManifest(
-            format_version=FORMAT_VERSION, source=records.name, num_clusters=k, num_samples=n, counts=counts,
+            format_version=FORMAT_VERSION, source=records.name, num_clusters=k, num_samples=n_train, counts=counts,
             centroids=centroids.astype(float).tolist(), embedder=emb_name, seed=cfg.seed,
             partitioner=cfg.partitioner, image_shape=shape, num_classes=num_classes, data_config_hash=config_hash,
             data_config=cfg.model_dump(mode="json"), shards=infos, purity=purity,
-            latent=codec.space(shape, [3, cfg.image_size, cfg.image_size]) if codec else None, bad_images=bad)
+            latent=codec.space(shape, [3, cfg.image_size, cfg.image_size]) if codec else None, bad_images=bad,
+            class_counts=table.tolist(), class_majority_share=class_majority_share(table), holdout=holdout)
         write_manifest(out_url, manifest)
         bar.update(task, description="done")
     remove_unlisted_shards(out_url, {i.file for i in infos})
     storage.remove(staging, recursive=True)
-    log.info("%s: %d samples (%d unreadable skipped) -> K=%d shards %s (purity %s)", out_url, n, bad, k, counts,
-             "n/a" if purity is None else f"{purity:.3f}")
+    log.info("%s: %d samples (%d unreadable skipped) -> K=%d shards %s (purity %s, held out %d)", out_url,
+             n_train, bad, k, counts, "n/a" if purity is None else f"{purity:.3f}", len(held))
     return manifest

@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 from archipelago.data import load_manifest
+from archipelago.data.shards import read_holdout
 from tests.data.test_data_latents import save_tiny_vae
 from tests.data.test_data_pretrained_embedders import save_tiny_vision
 from tests.data.test_data_scale import write_folder
@@ -29,7 +30,9 @@ def test_imagefolder_latents_config_on_s3(s3_env, tmp_path, cli):
     p = cli("data", "prepare", "--config", "configs/imagefolder-latents.yaml", *sets, env=env)
     assert p.returncode == 0, p.stderr
     m = load_manifest(f"{s3_env}/run/data")
-    assert m.bad_images == 1 and m.num_samples == 48 and m.embedder == "clip" and m.image_shape == [4, 8, 8]
+    assert m.bad_images == 1 and m.num_samples + m.holdout.count == 48 and m.holdout.count == 5
+    assert m.embedder == "clip" and m.image_shape == [4, 8, 8]
+    assert read_holdout(f"{s3_env}/run/data").images.shape[1:] == (4, 8, 8)   # held out as latents too
     assert all(len(s.chunks or []) > 1 for s in m.shards)
 
     tiny = ["--set", "expert.hidden_size=32", "--set", "expert.depth=1", "--set", "expert.num_heads=2",

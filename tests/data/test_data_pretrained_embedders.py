@@ -57,7 +57,7 @@ def test_prepare_with_clip_in_memory_and_siglip_streamed(tmp_path):
     m = prepare_data(DataConfig(source="image_folder", path=str(tmp_path / "img"), image_size=8, num_clusters=2,
                                 shard_format="chunked", embedder="siglip", embedder_weights=str(siglip),
                                 prepare_batch=8), str(tmp_path / "b"), progress=False)
-    assert m.embedder == "siglip" and len(m.centroids[0]) == 32 and m.num_samples == 30
+    assert m.embedder == "siglip" and len(m.centroids[0]) == 32 and m.num_samples + m.holdout.count == 30
 
 
 def test_vision_embedder_refuses_missing_or_remote_weights(tmp_path):

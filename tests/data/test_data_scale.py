@@ -24,6 +24,7 @@ from archipelago.config import ArchipelagoConfig, DataConfig
 from archipelago.data import load_manifest, prepare_data, read_shard, verify_shards
 from archipelago.data.chunks import ChunkStream, chunk_refs
 from archipelago.data.partition import size_bounds
+from archipelago.data.shards import read_holdout
 from archipelago.errors import DataError
 
 REPO = Path(__file__).resolve().parents[2]
@@ -58,9 +59,10 @@ def test_image_folder_on_s3_streamed_with_bad_images(s3_env):
     src, out = f"{s3_env}/images", f"{s3_env}/data"
     write_folder(src, per_class=20, bad=2)
     m = prepare_data(_cfg(src, on_bad_image="skip"), out, progress=False)
-    assert m.bad_images == 2 and m.num_samples == 60 and m.num_classes == 3 and m.image_shape == [3, 8, 8]
-    lo, hi = size_bounds(60, 2, 2.0)
-    assert sum(m.counts) == 60 and lo <= min(m.counts) and max(m.counts) <= hi
+    assert m.bad_images == 2 and m.num_classes == 3 and m.image_shape == [3, 8, 8]
+    assert m.holdout is not None and m.num_samples + m.holdout.count == 60 and m.holdout.count == 6
+    lo, hi = size_bounds(54, 2, 2.0)
+    assert sum(m.counts) == 54 and lo <= min(m.counts) and max(m.counts) <= hi
     assert m.purity is not None and m.purity > 0.5
     row_bytes = 3 * 8 * 8 * 4 + 16
     for info in m.shards:                                   # bounded chunks, each with its sha256
@@ -97,8 +99,9 @@ def test_webdataset_tars_with_labels(tmp_path):
                     tf.addfile(info, io.BytesIO(data))
     m = prepare_data(_cfg(str(tmp_path / "*.tar"), source="webdataset", shard_format="single"),
                      str(tmp_path / "out"), progress=False)
-    assert m.num_samples == 30 and m.num_classes == 3 and m.source.startswith("webdataset:")
-    labels = torch.cat([read_shard(str(tmp_path / "out"), k).labels for k in range(2)])
+    assert m.num_samples + m.holdout.count == 30 and m.num_classes == 3 and m.source.startswith("webdataset:")
+    labels = torch.cat([read_shard(str(tmp_path / "out"), k).labels for k in range(2)]
+                       + [read_holdout(str(tmp_path / "out")).labels])
     assert sorted(labels.tolist()) == sorted([(i) % 3 for i in range(30)])
 
 
@@ -166,8 +169,36 @@ def test_killed_prepare_resumes_to_the_same_manifest(tmp_path):
                            text=True, timeout=300, check=False)
     assert clean.returncode == 0, clean.stderr
     a, b = (json.loads((tmp_path / d / "manifest.json").read_text()) for d in ("killed", "clean"))
-    assert a == b and load_manifest(str(killed)).num_samples == 2400
+    m = load_manifest(str(killed))
+    assert a == b and m.num_samples + m.holdout.count == 2400
     verify_shards(str(killed))
+
+
+@pytest.mark.parametrize("partitioner", ["kmeans", "random"])
+def test_streamed_prepare_holds_out_a_split_and_counts_classes(tmp_path, partitioner):
+    """The streamed path gives what the in-RAM one gives: a held-out split in no shard (not clustered either),
+    per-shard class counts that match the shards' labels (sample-once routing needs them)."""
+    write_folder(str(tmp_path / "img"), per_class=20)
+    out = str(tmp_path / "data")
+    m = prepare_data(_cfg(str(tmp_path / "img"), partitioner=partitioner, holdout_fraction=0.2), out,
+                     progress=False)
+    held = read_holdout(out)
+    shards = [read_shard(out, k) for k in range(2)]
+    assert m.holdout.count == len(held) == 12 and m.num_samples == sum(m.counts) == 48
+    in_shards = set(torch.cat([s.index for s in shards]).tolist())
+    assert in_shards.isdisjoint(held.index.tolist()) and len(in_shards | set(held.index.tolist())) == 60
+    table = np.array(m.class_counts)
+    assert table.shape == (2, 3)
+    for k, s in enumerate(shards):
+        assert table[k].tolist() == np.bincount(s.labels.numpy(), minlength=3).tolist()
+    assert 0 < m.class_majority_share <= 1
+    again = prepare_data(_cfg(str(tmp_path / "img"), partitioner=partitioner, holdout_fraction=0.2),
+                         str(tmp_path / "again"), progress=False)
+    assert read_holdout(str(tmp_path / "again")).index.tolist() == held.index.tolist()   # seeded
+    assert again.holdout.sha256 == m.holdout.sha256
+    none = prepare_data(_cfg(str(tmp_path / "img"), holdout_fraction=0.0), str(tmp_path / "none"),
+                        progress=False)
+    assert none.holdout is None and none.num_samples == 60 and read_holdout(str(tmp_path / "none")) is None
 
 
 def test_router_streams_chunked_shards_with_a_disjoint_holdout(tmp_path):
