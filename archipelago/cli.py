@@ -366,8 +366,8 @@ def cluster_up(
 ) -> None:
     """Start a local Ray head for the islands (laptop), or check that a remote cluster answers.
 
-    Runs `ray start --head --num-cpus=N --dashboard-host 127.0.0.1` in the background; then submit with
-    `ray job submit --address http://127.0.0.1:8265 --working-dir . -- archipelago train --config ...`.
+    Runs `ray start --head --num-cpus=N --dashboard-host 127.0.0.1` in the background and prints the exact
+    `ray job submit` line for it (prefixed with RAY_AUTH_MODE=token when the head requires Ray's token).
 
     Example: archipelago cluster up --num-cpus 4
     """
@@ -380,8 +380,8 @@ def cluster_up(
                                      temp_dir=temp_dir, state_file=state_file, extra_args=ray_args)
     typer.echo(f"{'started' if started else 'already running:'} local Ray head (pid {head.pid}, "
                f"{head.num_cpus} CPUs): address {head.gcs_address}, dashboard {head.dashboard_url}")
-    typer.echo(f"submit: ray job submit --address {head.dashboard_url} --working-dir . -- archipelago train "
-               f"--config configs/digits-quickstart.yaml --set storage.root=$PWD/runs/quickstart")
+    typer.echo("submit: " + local.submit_line(head.dashboard_url, "archipelago train --config "
+                                              "configs/digits-quickstart.yaml --set storage.root=$PWD/runs/quickstart"))
 
 
 @cluster_app.command("status")
