@@ -116,27 +116,38 @@ def _not_yet(what: str, issue: str) -> None:
                             "see README for what works today")
 
 
+VerboseOpt = typer.Option(False, "--verbose", "-v", help="Show Ray's and the workers' logs here (by default "
+                          "they go to a log file whose path is printed, and a live table shows the progress).")
+
+
 @app.command("train")
-def train_cmd(config: Path = ConfigOpt, overrides: list[str] | None = SetOpt) -> None:
+def train_cmd(config: Path = ConfigOpt, overrides: list[str] | None = SetOpt, verbose: bool = VerboseOpt) -> None:
     """Full pipeline: data -> islands in parallel with the router -> ensemble.json -> samples -> eval.
 
     Each shard's expert trains on its own island (a Ray Train job); an island that fails for good does not
-    stop the others, and running the same command again trains only the missing experts.
+    stop the others, and running the same command again trains only the missing experts. A live table shows
+    each island's step, loss, samples/s and ETA; Ray's logs go to a file (--verbose: here instead).
 
     Example: archipelago train --config configs/digits-quickstart.yaml --set expert.steps=50
-    On a Ray cluster (after `archipelago cluster up`, or a port-forwarded head):
-    ray job submit --address http://127.0.0.1:8265 --working-dir . -- archipelago train
-    --config configs/digits-quickstart.yaml --set storage.root=$PWD/runs/quickstart
+    On a Ray cluster: run the `submit:` line that `archipelago cluster up` prints.
     """
-    from archipelago.orchestration.pipeline import IslandsFailed, run_pipeline
+    from archipelago.orchestration.pipeline import IslandsFailed, resolve_root, run_pipeline, run_pipeline_live
+    from archipelago.quiet import log_path
 
     cfg = _load(config, overrides)
     t0 = time.perf_counter()
-    result = run_pipeline(cfg, progress=True, echo=typer.echo)
-    typer.echo(result.table())
+    if verbose:
+        result = run_pipeline(cfg, progress=True, echo=typer.echo)
+        typer.echo(result.table())
+    else:
+        logs = log_path(resolve_root(cfg).storage.root, "train")
+        typer.echo(f"logs: {logs} (--verbose shows them here)")
+        result = run_pipeline_live(cfg, logs)
+        for line in result.failure_lines():
+            typer.echo(line)
     if not result.ok:
         names = [r.name for r in result.failed] + (["router"] if result.router.status == "failed" else [])
-        raise IslandsFailed(f"{', '.join(names)} failed (see the table above; summary in "
+        raise IslandsFailed(f"{', '.join(names)} failed (see above; summary in "
                             f"{result.root}/pipeline.json); the other islands are kept — fix the cause and re-run "
                             f"the same command to train only what is missing")
     fd = (result.eval or {}).get("feature_distance")
@@ -517,6 +528,7 @@ def quickstart(
     config: Path = ConfigOpt,
     out: str | None = typer.Option(None, "--out", help="Root URL for every output (default: storage.root)."),
     overrides: list[str] | None = SetOpt,
+    verbose: bool = VerboseOpt,
 ) -> None:
     """The main job on the embedded default, then a map of where everything landed.
 
@@ -528,7 +540,7 @@ def quickstart(
     from archipelago import storage
 
     cfg_overrides = (overrides or []) + ([f"storage.root={out}"] if out else [])
-    train_cmd(config=config, overrides=cfg_overrides)
+    train_cmd(config=config, overrides=cfg_overrides, verbose=verbose)
     cfg = _load(config, cfg_overrides)
     root = cfg.storage.root
     lines = [("data shards + manifest", storage.join(root, "data")),
