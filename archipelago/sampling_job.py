@@ -70,7 +70,13 @@ def _meta(cfg: ArchipelagoConfig, req: GenerateRequest) -> dict[str, object]:
 
 def _single(cfg: ArchipelagoConfig, req: GenerateRequest, echo: Callable[[str], None]) -> None:
     from archipelago.data.latents import decoder_for
-    from archipelago.generate import default_classes, generate, load_sampler_model, save_samples, write_picture
+    from archipelago.generate import (
+        default_classes,
+        generate,
+        load_sampler_model,
+        save_samples,
+        write_picture,
+    )
 
     inf, e = cfg.inference, cfg.expert
     t0 = time.perf_counter()

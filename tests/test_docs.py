@@ -23,7 +23,7 @@ def _anchor(heading: str) -> str:
 
 
 def _anchors(page: Path) -> set[str]:
-    return {_anchor(m.group(1)) for m in re.finditer(r"^#+ (.+)$", page.read_text(), flags=re.M)}
+    return {_anchor(m.group(1)) for m in re.finditer(r"^#+ (.+)$", page.read_text(), flags=re.MULTILINE)}
 
 
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: p.name)
@@ -43,8 +43,8 @@ def test_links_stay_inside_the_repository_and_resolve(page):
 
 def _commands(text: str) -> list[list[str]]:
     """`archipelago ...` invocations in inline code and in bash blocks (continuation lines joined)."""
-    blocks = re.findall(r"```bash\n(.*?)```", text, flags=re.S)
-    found = [c for c in CODE.findall(re.sub(r"```.*?```", "", text, flags=re.S)) if c.startswith("archipelago ")]
+    blocks = re.findall(r"```bash\n(.*?)```", text, flags=re.DOTALL)
+    found = [c for c in CODE.findall(re.sub(r"```.*?```", "", text, flags=re.DOTALL)) if c.startswith("archipelago ")]
     for block in blocks:
         for line in block.replace("\\\n", " ").splitlines():
             line = line.split("  #")[0].strip()

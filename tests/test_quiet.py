@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from pathlib import Path
 
-from archipelago.quiet import log_path, quiet_output
+from archipelago.quiet import log_path
 
 SCRIPT = r"""
 import os, subprocess, sys

@@ -58,7 +58,7 @@ def last_report(url: str, since: float) -> dict[str, Any] | None:
 def _fmt_eta(seconds: float | None) -> str:
     if seconds is None:
         return "-"
-    seconds = int(round(seconds))
+    seconds = round(seconds)
     return f"{seconds // 60}:{seconds % 60:02d}" if seconds >= 60 else f"{seconds}s"
 
 
@@ -109,7 +109,6 @@ class IslandBoard:
     def render(self) -> Any:
         from rich import box
         from rich.table import Table
-
         from rich.text import Text
 
         if not self.rows:
@@ -177,8 +176,8 @@ class LiveBoard:
             if not self.console.is_terminal:   # rich ends a drawn table with a newline only on a terminal
                 self.console.line()
 
-    def __enter__(self) -> LiveBoard:
+    def __enter__(self) -> LiveBoard:  # noqa: PYI034 - Python 3.10 has no typing.Self
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.stop()

@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 def _serve(status: int) -> tuple[http.server.HTTPServer, str]:
     class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):  # noqa: N802 (http.server's name)
+        def do_GET(self):
             self.send_response(status)
             self.end_headers()
             self.wfile.write(b"[]")

@@ -239,8 +239,8 @@ def test_generate_video_cli_torchrun_8x_training_length(trained_video_expert, tm
     assert res.returncode == 0, res.stderr[-3000:]
     # one progress bar over the pipeline's iterations (blocks + steps - 1); torchrun's output in the log file
     iterations = DualParalConfig(num_frames=8 * clip, block_frames=8, num_cat=2, steps=3).num_iterations
-    assert re.search(rf"^dualparal .* {iterations}/{iterations}", res.stdout, re.M), res.stdout
-    assert re.search(r"^logs: \S+generate-video-\S+\.log \(--verbose shows them here\)$", res.stdout, re.M)
+    assert re.search(rf"^dualparal .* {iterations}/{iterations}", res.stdout, re.MULTILINE), res.stdout
+    assert re.search(r"^logs: \S+generate-video-\S+\.log \(--verbose shows them here\)$", res.stdout, re.MULTILINE)
     video = read_video(str(tmp_path / "video.safetensors"))
     assert video.shape == (1, 1, 8 * clip, 16, 16) and torch.isfinite(video).all()
     with Image.open(out) as gif:
@@ -257,7 +257,7 @@ def test_generate_video_cli_ray_actors(tiny_ckpt, tmp_path, cli):
     res = cli("generate-video", *args, "--world-size", "2", "--launcher", "ray", "--out", str(out),
               env={"OMP_NUM_THREADS": "1", "RAY_ADDRESS": ""}, timeout=240)
     assert res.returncode == 0, res.stderr[-3000:]
-    log = re.search(r"^logs: (\S+) ", res.stdout, re.M)
+    log = re.search(r"^logs: (\S+) ", res.stdout, re.MULTILINE)
     assert log and "dualparal" in res.stdout and "Started a local Ray instance" not in res.stdout + res.stderr
     assert "Started a local Ray instance" in Path(log.group(1)).read_text()     # Ray's own lines: in the file
     ref = cli("generate-video", *args, "--out", str(tmp_path / "one.gif"), "--verbose", env={"OMP_NUM_THREADS": "1"})

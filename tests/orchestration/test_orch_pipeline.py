@@ -45,10 +45,10 @@ def test_train_two_islands_end_to_end(run_root, make_config, tmp_path):
     table = table_rows(res.stdout)
     assert [ln.split()[0] for ln in table] == ["island-0", "island-1", "router"], res.stdout
     assert all(ln.split()[2] == "10/10" and ln.split()[-1] == "trained" for ln in table), res.stdout
-    assert re.search(r"^island\s+shard\s+step/steps\s+loss\s+samples/s\s+ETA\s+status", res.stdout, re.M), res.stdout
+    assert re.search(r"^island\s+shard\s+step/steps\s+loss\s+samples/s\s+ETA\s+status", res.stdout, re.MULTILINE), res.stdout
     for noise in RAY_TRAIN_LINES:
         assert noise not in res.stdout + res.stderr, (noise, res.stdout + res.stderr)
-    logs = re.search(r"^logs: (\S+) \(--verbose shows them here\)$", res.stdout, re.M)
+    logs = re.search(r"^logs: (\S+) \(--verbose shows them here\)$", res.stdout, re.MULTILINE)
     assert logs, res.stdout
     log_text = Path(logs.group(1)).read_text()
     assert any(noise in log_text for noise in RAY_TRAIN_LINES), log_text[-2000:]
