@@ -5,7 +5,6 @@ from __future__ import annotations
 import http.server
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import threading
@@ -46,17 +45,6 @@ def test_submit_line_switches_token_auth_on_only_when_the_head_requires_it(statu
     assert line.endswith(f"ray job submit --address {url} --working-dir . -- archipelago train --config c.yaml")
 
 
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
 def _cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "archipelago.cli", *args], check=False, capture_output=True,
                           text=True, env=env, timeout=180, cwd=REPO)
@@ -64,14 +52,14 @@ def _cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
 
 @pytest.mark.e2e
 @pytest.mark.timeout(400)
-def test_printed_submit_line_runs_verbatim(tmp_path):
+def test_printed_submit_line_runs_verbatim(tmp_path, free_ports):
     """The `submit:` line, its entrypoint swapped for a one-liner, runs in a plain shell against the new head."""
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0",
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     for var in ("RAY_ADDRESS", "RAY_AUTH_MODE"):
         env.pop(var, None)
     state, temp_dir = tmp_path / "cluster.json", f"/tmp/arch-{uuid.uuid4().hex[:8]}"
-    gcs, dash, client, agent, metrics = _free_ports(5)
+    gcs, dash, client, agent, metrics = free_ports(5)
     up = _cli("cluster", "up", "--num-cpus", "1", "--port", str(gcs), "--dashboard-port", str(dash),
               "--temp-dir", temp_dir, "--state-file", str(state), f"--ray-arg=--ray-client-server-port={client}",
               f"--ray-arg=--dashboard-agent-listen-port={agent}", f"--ray-arg=--metrics-export-port={metrics}",
