@@ -1,3 +1,3 @@
 """Archipelago: decentralized diffusion training (compute islands, router, ensemble) and distributed
-inference. See DESIGN.md for the map."""
+inference. See docs/architecture.md for the map."""
 __version__ = "0.1.0"

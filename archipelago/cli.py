@@ -116,27 +116,38 @@ def _not_yet(what: str, issue: str) -> None:
                             "see README for what works today")
 
 
+VerboseOpt = typer.Option(False, "--verbose", "-v", help="Show Ray's and the workers' logs here (by default "
+                          "they go to a log file whose path is printed, and a live table shows the progress).")
+
+
 @app.command("train")
-def train_cmd(config: Path = ConfigOpt, overrides: list[str] | None = SetOpt) -> None:
+def train_cmd(config: Path = ConfigOpt, overrides: list[str] | None = SetOpt, verbose: bool = VerboseOpt) -> None:
     """Full pipeline: data -> islands in parallel with the router -> ensemble.json -> samples -> eval.
 
     Each shard's expert trains on its own island (a Ray Train job); an island that fails for good does not
-    stop the others, and running the same command again trains only the missing experts.
+    stop the others, and running the same command again trains only the missing experts. A live table shows
+    each island's step, loss, samples/s and ETA; Ray's logs go to a file (--verbose: here instead).
 
     Example: archipelago train --config configs/digits-quickstart.yaml --set expert.steps=50
-    On a Ray cluster (after `archipelago cluster up`, or a port-forwarded head):
-    ray job submit --address http://127.0.0.1:8265 --working-dir . -- archipelago train
-    --config configs/digits-quickstart.yaml --set storage.root=$PWD/runs/quickstart
+    On a Ray cluster: run the `submit:` line that `archipelago cluster up` prints.
     """
-    from archipelago.orchestration.pipeline import IslandsFailed, run_pipeline
+    from archipelago.orchestration.pipeline import IslandsFailed, resolve_root, run_pipeline, run_pipeline_live
+    from archipelago.quiet import log_path
 
     cfg = _load(config, overrides)
     t0 = time.perf_counter()
-    result = run_pipeline(cfg, progress=True, echo=typer.echo)
-    typer.echo(result.table())
+    if verbose:
+        result = run_pipeline(cfg, progress=True, echo=typer.echo)
+        typer.echo(result.table())
+    else:
+        logs = log_path(resolve_root(cfg).storage.root, "train")
+        typer.echo(f"logs: {logs} (--verbose shows them here)")
+        result = run_pipeline_live(cfg, logs)
+        for line in result.failure_lines():
+            typer.echo(line)
     if not result.ok:
         names = [r.name for r in result.failed] + (["router"] if result.router.status == "failed" else [])
-        raise IslandsFailed(f"{', '.join(names)} failed (see the table above; summary in "
+        raise IslandsFailed(f"{', '.join(names)} failed (see above; summary in "
                             f"{result.root}/pipeline.json); the other islands are kept — fix the cause and re-run "
                             f"the same command to train only what is missing")
     fd = (result.eval or {}).get("feature_distance")
@@ -181,24 +192,36 @@ def train_router_cmd(
 def generate_cmd(
     ensemble: str | None = typer.Option(None, "--ensemble", help="ensemble.json URL (or its directory)."),
     expert: str | None = typer.Option(None, "--expert", help="One expert checkpoint directory instead."),
-    mode: str = typer.Option("top-1", "--mode", help="Ensemble routing: full | top-1 | top-2 | ... | top-K | sample-once (one expert per sample drawn from p(k | class), run to the end)."),
-    n: int = typer.Option(64, "--n", min=1, help="Number of samples."),
-    cfg_scale: float = typer.Option(2.0, "--cfg", min=0.0, help="Classifier-free guidance scale (1 = off)."),
-    seed: int = typer.Option(0, "--seed", help="Noise seed."),
-    steps: int = typer.Option(32, "--steps", min=1, help="Sampler steps."),
-    sampler: str = typer.Option("euler", "--sampler", help="euler | heun."),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML whose `inference:` section (and "
+                                          "expert.cfg_scale / sample_steps / sampler) sets the defaults below "
+                                          "(default: the built-in defaults)."),
+    overrides: list[str] | None = SetOpt,
+    mode: str | None = typer.Option(None, "--mode", help="Ensemble routing: full | top-1 | top-2 | ... | top-K | "
+                                    "sample-once (one expert per sample drawn from p(k | class), run to the end). "
+                                    "[inference.routing, default top-1]"),
+    n: int | None = typer.Option(None, "--n", min=1, help="Number of samples. [inference.num_samples, 64]"),
+    cfg_scale: float | None = typer.Option(None, "--cfg", min=0.0, help="Classifier-free guidance scale (1 = "
+                                           "off). [expert.cfg_scale, 2.0]"),
+    seed: int | None = typer.Option(None, "--seed", help="Noise seed. [inference.seed, 0]"),
+    steps: int | None = typer.Option(None, "--steps", min=1, help="Sampler steps. [expert.sample_steps, 32]"),
+    sampler: str | None = typer.Option(None, "--sampler", help="euler | heun. [expert.sampler, euler]"),
     out: str = typer.Option("grid.png", "--out", "-o", help="PNG grid URL (GIF for video experts)."),
     save_tensor: str | None = typer.Option(None, "--save-tensor",
                                               help="Also write samples + labels as safetensors (for eval)."),
     device: str = typer.Option("cpu", "--device", help="cpu | cuda | cuda:N."),
     parallel: str | None = typer.Option(None, "--parallel", help="Split the job over ranks: naive_patch | "
-                                        "sync_patch | distrifusion | cfg_parallel | expert_parallel."),
-    world_size: int = typer.Option(2, "--world-size", min=1, help="Ranks of --parallel."),
-    launcher: str = typer.Option("torchrun", "--launcher", help="torchrun | ray | local (with --parallel)."),
-    patch_mode: str = typer.Option("sync_patch", "--patch-mode", help="Patch mode inside cfg_parallel."),
-    warmup_steps: int = typer.Option(1, "--warmup-steps", min=0, help="DistriFusion synchronous steps."),
-    comm_group_layers: int = typer.Option(1, "--comm-group-layers", min=1,
-                                          help="DistriFusion: layers per async K/V exchange."),
+                                        "sync_patch | distrifusion | cfg_parallel | expert_parallel. "
+                                        "[inference.mode, single]"),
+    world_size: int | None = typer.Option(None, "--world-size", min=1, help="Ranks of --parallel. "
+                                          "[inference.world_size, 2]"),
+    launcher: str | None = typer.Option(None, "--launcher", help="torchrun | ray | local (with --parallel). "
+                                        "[inference.launcher, torchrun]"),
+    patch_mode: str | None = typer.Option(None, "--patch-mode", help="Patch mode inside cfg_parallel. "
+                                          "[inference.patch_mode, sync_patch]"),
+    warmup_steps: int | None = typer.Option(None, "--warmup-steps", min=0, help="DistriFusion synchronous steps. "
+                                            "[inference.warmup_steps, 1]"),
+    comm_group_layers: int | None = typer.Option(None, "--comm-group-layers", min=1, help="DistriFusion: layers "
+                                                 "per async K/V exchange. [inference.comm_group_layers, 1]"),
     ray_address: str | None = typer.Option(None, "--ray-address", help="Ray cluster for --launcher ray "
                                            "(default: $RAY_ADDRESS, else a local Ray)."),
     stats: str | None = typer.Option(None, "--stats", help="JSON URL with every rank's latency, peak memory "
@@ -207,8 +230,13 @@ def generate_cmd(
                                    "(e.g. node_1,node_2: each rank on the node advertising it)."),
     vae: str | None = typer.Option(None, "--vae", help="Latent models: decode with the VAE directory here "
                                    "instead of the one recorded at training (must be the same VAE)."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="--parallel: show the ranks' and launchers' "
+                                 "output here (by default: one progress bar, the rest in a log file)."),
 ) -> None:
     """Sample a PNG grid from an ensemble or a single expert (classes 0..9 repeated, seeded noise).
+
+    Settings come from the config tree (`inference:`, and the sampler fields of `expert:`); each flag
+    overrides its field (shown in brackets) exactly like `--set field=value`.
 
     Example: archipelago generate --ensemble runs/quickstart/ensemble.json --mode top-1 --n 64 --cfg 2.0
     --seed 0 --steps 32 --out grid.png --save-tensor samples.safetensors
@@ -217,21 +245,16 @@ def generate_cmd(
     archipelago generate --expert runs/quickstart/experts/expert-0/final --parallel distrifusion
     --world-size 2 --launcher ray --out grid.png
     """
-    from archipelago.data.latents import decoder_for
     from archipelago.errors import ConfigError
-    from archipelago.generate import (
-        default_classes,
-        generate,
-        load_sampler_model,
-        save_samples,
-        write_picture,
-    )
+    from archipelago.sampling_job import GenerateRequest, flag_overrides, run_generate
 
     if (ensemble is None) == (expert is None):
         raise ConfigError("generate: give exactly one of --ensemble URL or --expert URL")
-    if sampler not in ("euler", "heun"):
+    if sampler is not None and sampler not in ("euler", "heun"):
         raise ConfigError(f"generate: --sampler {sampler!r}; allowed: euler | heun")
-    if ensemble is not None:   # checked before any weights are read
+    if parallel is not None and parallel == "single":
+        raise ConfigError("generate: --parallel single; leave --parallel out for one process")
+    if ensemble is not None and mode is not None:   # the flag's own line, before the config is read
         from archipelago.ensemble import parse_mode
         from archipelago.errors import EnsembleError
 
@@ -239,71 +262,14 @@ def generate_cmd(
             parse_mode(mode)
         except EnsembleError as exc:
             raise ConfigError(f"generate: --mode: {exc}") from None
-    t0 = time.perf_counter()
-    if parallel is not None:
-        _generate_parallel(ensemble or expert, mode, n, cfg_scale, seed, steps, sampler, out, save_tensor,
-                           device, parallel, world_size, launcher, patch_mode, warmup_steps, comm_group_layers,
-                           ray_address, stats, pin, vae)
-        return
-    model = load_sampler_model(ensemble or expert, mode=mode, device=device)
-    codec = decoder_for(getattr(model, "data_space", None), ensemble or expert, vae_path=vae)  # before sampling
-    labels = default_classes(n, model.num_classes)
-    x = generate(model, n, cfg_scale=cfg_scale, seed=seed, steps=steps, sampler=sampler, classes=labels,
-                 device=device)
-    write_picture(x if codec is None else codec.decode(x), out)   # latent models: decoded by their VAE
-    calls = getattr(model, "expert_calls", None)
-    if save_tensor:
-        save_samples(save_tensor, x, labels, {"source": ensemble or expert, "mode": mode if ensemble else None,
-                                              "cfg_scale": cfg_scale, "seed": seed, "steps": steps,
-                                              "sampler": sampler, "expert_calls": calls})
-    what = f"ensemble ({mode}, {calls} expert calls)" if ensemble else "expert"
-    typer.echo(f"{n} samples from {what} in {time.perf_counter() - t0:.1f}s -> {out}"
-               + (f" + {save_tensor}" if save_tensor else ""))
-
-
-def _generate_parallel(source: str, routing: str, n: int, cfg_scale: float, seed: int, steps: int, sampler: str,
-                       out: str, save_tensor: str | None, device: str, mode: str, world_size: int, launcher: str,
-                       patch_mode: str, warmup_steps: int, comm_group_layers: int, ray_address: str | None,
-                       stats: str | None, pin: str | None, vae: str | None = None) -> None:
-    """`generate --parallel`: the same picture and tensors, sampled by `world_size` ranks."""
-    import torch
-
-    from archipelago import storage
-    from archipelago.data.latents import decoder_for
-    from archipelago.errors import ConfigError
-    from archipelago.generate import data_space_of, save_samples, write_picture
-    from archipelago.inference.config import Mode, ParallelConfig
-    from archipelago.inference.launch import generate_parallel, sampling_spec
-
-    modes = [m.value for m in Mode if m is not Mode.single]
-    if mode not in modes:
-        raise ConfigError(f"generate: --parallel {mode!r}; allowed: {' | '.join(modes)}")
-    pcfg = ParallelConfig.create(mode=mode, world_size=world_size, patch_mode=patch_mode,
-                                 warmup_steps=warmup_steps, comm_group_layers=comm_group_layers)
-    spec = sampling_spec(source, routing=routing, n=n, cfg_scale=cfg_scale, seed=seed, steps=steps,
-                         sampler=sampler, device="cuda" if device.startswith("cuda") else "cpu")
-    t0 = time.perf_counter()
-    rank_resources = [r.strip() for r in pin.split(",")] if pin else None
-    if rank_resources is not None and (launcher != "ray" or len(rank_resources) != world_size):
-        raise ConfigError(f"generate: --pin needs --launcher ray and one resource per rank ({world_size}), got "
-                          f"{pin!r} with --launcher {launcher}")
-    codec = decoder_for(data_space_of(source), source, vae_path=vae)   # a wrong VAE fails before the ranks start
-    x, ranks = generate_parallel(spec, pcfg, launcher=launcher, ray_address=ray_address,
-                                 rank_resources=rank_resources)
-    write_picture(x if codec is None else codec.decode(x), out)   # latent models: decode after sampling
-    labels = torch.tensor(spec.labels, dtype=torch.long)
-    if save_tensor:
-        save_samples(save_tensor, x, labels, {"source": source, "mode": routing if spec.router else None,
-                                              "cfg_scale": cfg_scale, "seed": seed, "steps": steps,
-                                              "sampler": sampler, "parallel": pcfg.describe(),
-                                              "launcher": launcher})
-    if stats:
-        storage.write_json(stats, {"parallel": pcfg.model_dump(mode="json"), "launcher": launcher, "ranks": ranks})
-    sent = sum(r["comm"].get("total_bytes", 0) for r in ranks)
-    peak = max(r["peak_mem_bytes"] for r in ranks)
-    typer.echo(f"{n} samples ({pcfg.describe()}, {launcher}) in {time.perf_counter() - t0:.1f}s: sampling "
-               f"{max(r['latency_s'] for r in ranks):.2f}s, {sent / 2**20:.1f} MiB sent, peak "
-               f"{peak / 2**20:.0f} MiB/rank -> {out}" + (f" + {save_tensor}" if save_tensor else ""))
+    cfg = _load(config, (overrides or []) + flag_overrides(
+        mode=mode, n=n, seed=seed, cfg_scale=cfg_scale, steps=steps, sampler=sampler, parallel=parallel,
+        world_size=world_size, launcher=launcher, patch_mode=patch_mode, warmup_steps=warmup_steps,
+        comm_group_layers=comm_group_layers))
+    request = GenerateRequest(source=ensemble or expert, is_ensemble=ensemble is not None, out=out,
+                              save_tensor=save_tensor, device=device, ray_address=ray_address, stats=stats,
+                              pin=[r.strip() for r in pin.split(",")] if pin else None, vae=vae, verbose=verbose)
+    run_generate(cfg, request, typer.echo)
 
 
 @app.command("eval")
@@ -366,8 +332,8 @@ def cluster_up(
 ) -> None:
     """Start a local Ray head for the islands (laptop), or check that a remote cluster answers.
 
-    Runs `ray start --head --num-cpus=N --dashboard-host 127.0.0.1` in the background; then submit with
-    `ray job submit --address http://127.0.0.1:8265 --working-dir . -- archipelago train --config ...`.
+    Runs `ray start --head --num-cpus=N --dashboard-host 127.0.0.1` in the background and prints the exact
+    `ray job submit` line for it (prefixed with RAY_AUTH_MODE=token when the head requires Ray's token).
 
     Example: archipelago cluster up --num-cpus 4
     """
@@ -380,8 +346,8 @@ def cluster_up(
                                      temp_dir=temp_dir, state_file=state_file, extra_args=ray_args)
     typer.echo(f"{'started' if started else 'already running:'} local Ray head (pid {head.pid}, "
                f"{head.num_cpus} CPUs): address {head.gcs_address}, dashboard {head.dashboard_url}")
-    typer.echo(f"submit: ray job submit --address {head.dashboard_url} --working-dir . -- archipelago train "
-               f"--config configs/digits-quickstart.yaml --set storage.root=$PWD/runs/quickstart")
+    typer.echo("submit: " + local.submit_line(head.dashboard_url, "archipelago train --config "
+                                              "configs/digits-quickstart.yaml --set storage.root=$PWD/runs/quickstart"))
 
 
 @cluster_app.command("status")
@@ -517,6 +483,7 @@ def quickstart(
     config: Path = ConfigOpt,
     out: str | None = typer.Option(None, "--out", help="Root URL for every output (default: storage.root)."),
     overrides: list[str] | None = SetOpt,
+    verbose: bool = VerboseOpt,
 ) -> None:
     """The main job on the embedded default, then a map of where everything landed.
 
@@ -528,7 +495,7 @@ def quickstart(
     from archipelago import storage
 
     cfg_overrides = (overrides or []) + ([f"storage.root={out}"] if out else [])
-    train_cmd(config=config, overrides=cfg_overrides)
+    train_cmd(config=config, overrides=cfg_overrides, verbose=verbose)
     cfg = _load(config, cfg_overrides)
     root = cfg.storage.root
     lines = [("data shards + manifest", storage.join(root, "data")),
@@ -568,6 +535,8 @@ def generate_video_cmd(
     positions: str = typer.Option("absolute", "--positions", help="absolute | local temporal positions."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda (one GPU per rank)."),
     stats: str | None = typer.Option(None, "--stats", help="JSON URL with every rank's measurements."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Show the ranks' and launchers' output here "
+                                 "(by default: one progress bar, the rest in a log file whose path is printed)."),
 ) -> None:
     """Generate a video far longer than the training clips with DualParal (block-wise denoising over a ring
     pipeline of model stages; world size 1 is the single-device reference of the same schedule).
@@ -578,6 +547,7 @@ def generate_video_cmd(
     --frames 256 --out video.gif
     """
     from archipelago.errors import ConfigError
+    from archipelago.inference.progress import run_with_bar
     from archipelago.inference.video_cli import VideoSpec, generate_video
 
     try:
@@ -588,7 +558,9 @@ def generate_video_cmd(
                             cfg_scale=cfg_scale, labels=label_list, seed=seed, noise=noise, positions=positions,
                             device=device, out=out, tensor_out=tensor_out, stats=stats)
     t0 = time.perf_counter()
-    ranks = generate_video(spec, world_size=world_size, launcher=launcher)
+    ranks = run_with_bar(lambda steps: generate_video(spec.model_copy(update={"progress": steps}),
+                                                      world_size=world_size, launcher=launcher),
+                         "dualparal", spec.dualparal().num_iterations, verbose, "generate-video", typer.echo)
     r0 = ranks[0]
     sent = sum(r["comm"].get("total_bytes", 0) for r in ranks)
     typer.echo(f"{frames} frames ({r0['describe']}) in {time.perf_counter() - t0:.1f}s, pipeline "

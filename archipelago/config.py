@@ -4,6 +4,7 @@ Precedence is CLI (`--set a.b=v`) > file > defaults; every default works on a la
 """
 from __future__ import annotations
 
+import enum
 import hashlib
 import json
 from pathlib import Path
@@ -188,12 +189,27 @@ class IslandsConfig(_Section):
         default_factory=dict, description="Overrides keyed by shard id.")
 
 
+class Mode(str, enum.Enum):
+    """How one sampling run is spread over ranks (archipelago.inference.config.ParallelConfig)."""
+
+    single = "single"                    # one rank, the plain model
+    naive_patch = "naive_patch"          # row patches, no exchange at all: fast, visible seams
+    sync_patch = "sync_patch"            # row patches, full K/V all-gathered in every attention: exact
+    distrifusion = "distrifusion"        # row patches, stale remote K/V exchanged asynchronously (displaced)
+    cfg_parallel = "cfg_parallel"        # conditional / unconditional branch on different rank groups
+    expert_parallel = "expert_parallel"  # ensemble experts on different ranks, routed velocities all-reduced
+
+
 class InferenceConfig(_Section):
-    mode: Literal["single", "naive_patch", "sync_patch", "distrifusion", "cfg_parallel", "expert_parallel"] = (
-        Field("single", description="Parallel mode for one image.")
-    )
-    world_size: int = Field(1, ge=1, description="Ranks for the parallel mode.")
-    warmup_steps: int = Field(2, ge=0, description="Synchronous steps before DistriFusion goes stale.")
+    """Sampling settings of `archipelago generate` and of the pipeline's grid; generate's flags override them
+    like `--set` does (the sampler, its steps and the guidance scale live in `expert`)."""
+    mode: Mode = Field(Mode.single, description="Parallel mode of `generate` (single: one process).")
+    world_size: int = Field(2, ge=1, description="Ranks of a parallel mode (ignored by single).")
+    launcher: Literal["torchrun", "ray", "local"] = Field("torchrun", description="How the ranks start.")
+    warmup_steps: int = Field(1, ge=0, description="Synchronous steps before DistriFusion goes stale.")
+    patch_mode: Literal["naive_patch", "sync_patch", "distrifusion"] = Field(
+        "sync_patch", description="Patch scheme inside cfg_parallel.")
+    comm_group_layers: int = Field(1, ge=1, description="DistriFusion: layers per async K/V exchange.")
     routing: str = Field("top-1", pattern=r"^(full|top-\d+|sample-once)$",
                          description="Ensemble routing: full | top-k | sample-once (k ~ p(k|y) once per sample).")
     num_samples: int = Field(64, ge=1, description="Samples per grid.")

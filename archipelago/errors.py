@@ -2,6 +2,8 @@
 so every message must name the culprit (file, field, URL) and what to do about it."""
 from __future__ import annotations
 
+from archipelago.redact import redact
+
 
 class ArchipelagoError(Exception):
     """Base class: a user-facing error with a one-line message; the CLI prints `<label>: <message>` and exits
@@ -56,7 +58,6 @@ class NotYetImplemented(ArchipelagoError):
 def failure_line(exc: BaseException) -> str:
     """One line saying why something failed (an island, a Ray connection): our own error message when there
     is one anywhere in the chain, else the root cause; credentials redacted."""
-    from archipelago.storage import redact  # storage imports this module
     seen: set[int] = set()
     stack: list[BaseException] = [exc]
     candidates: list[BaseException] = []

@@ -16,18 +16,7 @@ from typing import Any, Iterator
 import fsspec
 
 from archipelago.errors import StorageError
-
-_SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID", "AWS_SESSION_TOKEN", "MLFLOW_TRACKING_TOKEN",
-               "MLFLOW_TRACKING_PASSWORD")
-
-
-def redact(text: str) -> str:
-    """Replace any credential value from the environment found in `text` (for error lines and logs)."""
-    for name in _SECRET_ENV:
-        val = os.environ.get(name)
-        if val and len(val) >= 4:
-            text = text.replace(val, f"<{name}>")
-    return text
+from archipelago.redact import redact  # storage.redact is the name callers use
 
 
 def _s3_options() -> dict[str, Any]:

@@ -116,3 +116,21 @@ def run_cli(*args: str, env: dict | None = None, timeout: float = 300, cwd: Path
 def cli():
     """The real CLI as a subprocess: cli("data", "prepare", ...) -> CompletedProcess."""
     return run_cli
+
+
+def distinct_free_ports(n: int) -> list[int]:
+    """n distinct free ports (all sockets held open while choosing, so none is handed out twice)."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+@pytest.fixture
+def free_ports():
+    """free_ports(n) -> n distinct free ports on 127.0.0.1 (private ports for a Ray head of a test's own)."""
+    return distinct_free_ports

@@ -144,3 +144,45 @@ def test_cli_generate_sample_once_one_device_and_expert_parallel(run, tmp_path):
     model = load_sampler_model(run["ensemble"], mode="sample-once")
     assert torch.allclose(x1, generate(model, 6, cfg_scale=2.0, seed=5, steps=3), atol=1e-5)
     assert model.router_calls == 0 and sum(model.expert_samples) == 2 * 6 * 3   # one expert per sample
+
+
+def test_cli_generate_takes_its_settings_from_the_config_tree_and_flags_override(run, tmp_path):
+    """`inference:` (and expert.cfg_scale / sample_steps) is the one source; each flag overrides its field."""
+    config = tmp_path / "gen.yaml"
+    config.write_text("expert:\n  cfg_scale: 1.5\n  sample_steps: 3\n"
+                      "inference:\n  mode: expert_parallel\n  world_size: 2\n  launcher: local\n"
+                      "  routing: top-1\n  num_samples: 3\n  seed: 7\n")
+    model = load_sampler_model(run["ensemble"], mode="top-1")
+    par = tmp_path / "par.safetensors"
+    r = _cli("generate", "--ensemble", run["ensemble"], "--config", str(config), "--out", str(tmp_path / "p.png"),
+             "--save-tensor", str(par))
+    assert r.returncode == 0, r.stderr
+    assert "expert_parallel world=2" in r.stdout and ", local)" in r.stdout, r.stdout
+    x, _ = load_samples(str(par))
+    assert torch.allclose(x, generate(model, 3, cfg_scale=1.5, seed=7, steps=3), atol=1e-5)
+
+    one = tmp_path / "one.safetensors"
+    r = _cli("generate", "--ensemble", run["ensemble"], "--config", str(config), "--set", "inference.mode=single",
+             "--n", "2", "--seed", "8", "--cfg", "1.0", "--out", str(tmp_path / "o.png"), "--save-tensor", str(one))
+    assert r.returncode == 0, r.stderr
+    x, _ = load_samples(str(one))
+    assert torch.allclose(x, generate(model, 2, cfg_scale=1.0, seed=8, steps=3), atol=1e-5)
+
+    bad = _cli("generate", "--ensemble", run["ensemble"], "--config", str(config), "--launcher", "mpi",
+               "--out", str(tmp_path / "b.png"))
+    assert bad.returncode == 2 and "field 'inference.launcher'" in bad.stderr and "mpi" in bad.stderr
+    assert len(bad.stderr.strip().splitlines()) == 1 and not (tmp_path / "b.png").exists()
+
+
+def test_flag_overrides_name_the_config_fields():
+    from archipelago.config import load_config
+    from archipelago.inference.config import ParallelConfig
+    from archipelago.sampling_job import flag_overrides
+
+    assert flag_overrides(n=None, parallel="distrifusion", world_size=4, steps=8) == [
+        "inference.mode=distrifusion", "inference.world_size=4", "expert.sample_steps=8"]
+    cfg = load_config(None, flag_overrides(parallel="distrifusion", world_size=4, warmup_steps=3))
+    pcfg = ParallelConfig.from_inference(cfg.inference)
+    assert (pcfg.mode.value, pcfg.world_size, pcfg.patch_degree, pcfg.warmup_steps) == ("distrifusion", 4, 4, 3)
+    with pytest.raises(ValueError, match="no config field"):
+        flag_overrides(colour="red")

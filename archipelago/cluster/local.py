@@ -81,6 +81,25 @@ def dashboard_up(url: str, timeout: float = 2.0) -> bool:
         return False
 
 
+def requires_token(url: str, timeout: float = 5.0) -> bool:
+    """Whether the Ray dashboard at `url` refuses requests without Ray's auth token. A head started while
+    ~/.ray/auth_token exists turns token auth on, and a plain `ray job submit` is then refused (401)."""
+    try:
+        with urllib.request.urlopen(f"{url.rstrip('/')}/api/jobs/", timeout=timeout):
+            return False
+    except urllib.error.HTTPError as exc:
+        return exc.code in (401, 403)
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def submit_line(dashboard_url: str, entrypoint: str) -> str:
+    """The `ray job submit` command that works verbatim against this head (token auth switched on for the
+    client when the head requires it: Ray's CLI sends the token only in RAY_AUTH_MODE=token)."""
+    auth = "RAY_AUTH_MODE=token " if requires_token(dashboard_url) else ""
+    return f"{auth}ray job submit --address {dashboard_url} --working-dir . -- {entrypoint}"
+
+
 def read_state(state_file: str | Path | None = None) -> LocalHead | None:
     p = state_path(state_file)
     if not p.is_file():

@@ -4,24 +4,12 @@ It is plain data: building one never starts a process group; `comm.build_groups`
 """
 from __future__ import annotations
 
-import enum
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from archipelago.config import Mode
 from archipelago.errors import ConfigError
-
-
-class Mode(str, enum.Enum):
-    """How one sampling run is spread over ranks."""
-
-    single = "single"                    # one rank, the plain model
-    naive_patch = "naive_patch"          # row patches, no exchange at all: fast, visible seams
-    sync_patch = "sync_patch"            # row patches, full K/V all-gathered in every attention: exact
-    distrifusion = "distrifusion"        # row patches, stale remote K/V exchanged asynchronously (displaced)
-    cfg_parallel = "cfg_parallel"        # conditional / unconditional branch on different rank groups
-    expert_parallel = "expert_parallel"  # ensemble experts on different ranks, routed velocities all-reduced
-
 
 PATCH_MODES: frozenset[Mode] = frozenset({Mode.naive_patch, Mode.sync_patch, Mode.distrifusion})
 
@@ -150,11 +138,11 @@ class ParallelConfig(BaseModel):
         return text
 
     @classmethod
-    def from_inference(cls, inference: Any, **overrides: Any) -> ParallelConfig:
-        """From the YAML `inference:` section (archipelago.config.InferenceConfig); overrides win."""
-        fields = {"mode": inference.mode, "world_size": inference.world_size,
-                  "warmup_steps": inference.warmup_steps}
-        return cls.create(**{**fields, **overrides})
+    def from_inference(cls, inference: Any) -> ParallelConfig:
+        """The layout the YAML `inference:` section (archipelago.config.InferenceConfig) asks for."""
+        return cls.create(mode=inference.mode, world_size=1 if inference.mode is Mode.single else inference.world_size,
+                          warmup_steps=inference.warmup_steps, patch_mode=inference.patch_mode,
+                          comm_group_layers=inference.comm_group_layers)
 
     @classmethod
     def create(cls, **kwargs: Any) -> ParallelConfig:

@@ -435,10 +435,11 @@ class DualParal:
     # --- the loop ---
     @torch.no_grad()
     def generate(self, y: torch.Tensor, sink: BlockSink | None = None, collect: bool = True,
-                 probe: Callable[[], None] | None = None) -> torch.Tensor | None:
+                 probe: Callable[[], None] | None = None,
+                 on_iteration: Callable[[int], None] | None = None) -> torch.Tensor | None:
         """Run the whole schedule; rank 0 returns the video [N, C, num_frames, H, W] (fp32) when `collect`,
         every other rank None. `sink(block, frames)` sees each finished block on rank 0 (streaming);
-        `probe()` is called after every slot (memory sampling)."""
+        `probe()` is called after every slot (memory sampling); `on_iteration(k)` after iteration k."""
         cfg, m = self.cfg, self.model
         self.stats = PipelineStats(self.rank, self.world, (self.stage.start, self.stage.end))
         n = y.shape[0]
@@ -504,6 +505,8 @@ class DualParal:
                     probe()
             if self.first:
                 self.stats.max_blocks_in_flight = max(self.stats.max_blocks_in_flight, len(slots))
+            if on_iteration is not None:
+                on_iteration(k)
         if self.first:
             self._drain(None, emit, v_shape)
             if self._blocks:

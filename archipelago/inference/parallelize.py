@@ -17,7 +17,8 @@ from torch import nn
 from archipelago.errors import ConfigError, NotYetImplemented
 from archipelago.inference.comm import Comm, Group
 from archipelago.inference.config import Mode, ParallelConfig, experts_for_rank
-from archipelago.inference.patch import LAYER_TWINS, ROOT_TWINS, DisplacedKVExchange, PatchContext
+from archipelago.inference.distrifusion import DisplacedKVExchange
+from archipelago.inference.patch import LAYER_TWINS, ROOT_TWINS, PatchContext
 
 log = logging.getLogger(__name__)
 

@@ -27,6 +27,7 @@ from archipelago.experts.sampling import SAMPLERS, euler_step, guided_velocity, 
 from archipelago.inference.comm import Comm
 from archipelago.inference.config import Mode, ParallelConfig, experts_for_rank
 from archipelago.inference.parallelize import StepAware, parallelize_expert_shard, parallelize_for_inference
+from archipelago.inference.progress import StepFile
 
 
 class SamplingSpec(BaseModel):
@@ -49,6 +50,8 @@ class SamplingSpec(BaseModel):
     ema: bool = Field(True, description="Load EMA weights (else the raw trained weights).")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda:LOCAL_RANK if available.")
     out: str | None = Field(None, description="Rank 0 writes the samples: *.png grid, else safetensors.")
+    progress: str | None = Field(None, description="Local file where rank 0 counts its finished sampler steps "
+                                 "(the launcher's progress bar; archipelago.inference.progress).")
 
 
 @dataclass
@@ -78,10 +81,11 @@ class SamplingResult:
 @torch.no_grad()
 def parallel_sample(model_fn: Callable, noise: torch.Tensor, y: torch.Tensor, steps: int,
                     sampler: str = "euler", cfg_scale: float = 1.0,
-                    null_class: int | None = None) -> torch.Tensor:
+                    null_class: int | None = None, on_step: Callable[[int], None] | None = None) -> torch.Tensor:
     """`experts.sampling.sample`, passing `step=k` (the sampler step) to step-aware parallel model_fns.
 
     Heun's two evaluations of step k both get step k, so `warmup_steps >= steps` is always exact.
+    on_step(k) is called after step k (a progress bar).
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; allowed: {' | '.join(SAMPLERS)}")
@@ -96,6 +100,8 @@ def parallel_sample(model_fn: Callable, noise: torch.Tensor, y: torch.Tensor, st
             x = heun_step(x, v, guided_velocity(fn, x_euler, t_next, y, cfg_scale, null_class), t, t_next)
         else:
             x = x_euler
+        if on_step is not None:
+            on_step(k)
     return x
 
 
@@ -302,9 +308,11 @@ def run_parallel_sampling(spec: SamplingSpec, pcfg: ParallelConfig, rank: int | 
         fn, shape, num_classes, held = build_model_fn(spec, pcfg, comm, device)
         noise, y = make_inputs(spec, shape, num_classes)
         noise, y = noise.to(device), y.to(device)
+        runs = warmup_runs + max(timed_runs, 1)
+        ticks = StepFile(spec.progress, runs * spec.steps).tick if spec.progress and comm.rank == 0 else None
 
         def run() -> torch.Tensor:
-            out = parallel_sample(fn, noise, y, spec.steps, spec.sampler, spec.cfg_scale, num_classes)
+            out = parallel_sample(fn, noise, y, spec.steps, spec.sampler, spec.cfg_scale, num_classes, ticks)
             if isinstance(fn, StepAware):
                 fn.finish()
             return out

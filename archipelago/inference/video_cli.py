@@ -40,6 +40,7 @@ from archipelago.inference.dualparal import (
     stage_layers,
 )
 from archipelago.inference.local import set_threads, spawn_ranks
+from archipelago.inference.progress import StepFile
 from archipelago.inference.ray_launcher import InferenceWorker, placement_strategy
 from archipelago.inference.runner import (
     _device,
@@ -79,6 +80,8 @@ class VideoSpec(BaseModel):
     stats: str | None = Field(None, description="JSON URL for every rank's measurements (rank 0 writes).")
     collect: bool = Field(True, description="Rank 0 keeps the whole video (needed for out/tensor_out).")
     measure_tensors: bool = Field(False, description="Sample live tensor bytes after every slot (CPU, slow).")
+    progress: str | None = Field(None, description="Local file where rank 0 counts its finished pipeline "
+                                 "iterations (the launcher's progress bar; archipelago.inference.progress).")
 
     @classmethod
     def create(cls, **kwargs: Any) -> VideoSpec:
@@ -175,7 +178,8 @@ def run_video_rank(spec: VideoSpec, rank: int | None = None, world_size: int | N
         tensors0 = LiveTensorBytes.current() if probe is not None else 0
         rss0 = _rss_bytes()
         _reset_peak_rss()
-        video = pipeline.generate(y, collect=spec.collect, probe=probe)
+        ticks = StepFile(spec.progress, cfg.num_iterations).tick if spec.progress and comm.rank == 0 else None
+        video = pipeline.generate(y, collect=spec.collect, probe=probe, on_iteration=ticks)
         comm.barrier()
         peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
                 else max(_peak_rss_bytes() - rss0, 0))

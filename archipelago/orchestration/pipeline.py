@@ -20,6 +20,7 @@ import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from archipelago import storage
@@ -28,6 +29,7 @@ from archipelago.config import ArchipelagoConfig, island_expert_config
 from archipelago.errors import ArchipelagoError, ConfigError, failure_line
 from archipelago.experts.callbacks import TrainCallback
 from archipelago.orchestration.islands import IslandResult, run_islands
+from archipelago.orchestration.progress import IslandBoard
 from archipelago.orchestration.tracking import Tracker, read_metrics_jsonl
 
 log = logging.getLogger(__name__)
@@ -94,6 +96,13 @@ class PipelineResult:
         widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
         return "\n".join("  ".join(c.ljust(w) for c, w in zip(row[:-1], widths)) + "  " + row[-1] for row in rows)
 
+    def failure_lines(self) -> list[str]:
+        """One line per failed island / router, naming its error (the live table shows only the status)."""
+        lines = [f"{r.name}: FAILED: {r.error}" for r in self.failed]
+        if self.router.status == "failed":
+            lines.append(f"router: FAILED: {self.router.error}")
+        return lines
+
     def to_dict(self) -> dict[str, Any]:
         return {"root": self.root, "ok": self.ok, "islands": [r.to_dict() for r in self.islands],
                 "router": self.router.__dict__, "ensemble": self.ensemble, "grid": self.grid, "eval": self.eval,
@@ -152,11 +161,12 @@ def _island_params(plan: IslandPlan, cfg: ArchipelagoConfig) -> dict[str, Any]:
 # ----------------------------------------------------------------------------------------------------
 
 def run_pipeline(cfg: ArchipelagoConfig, callbacks: Sequence[TrainCallback] = (), progress: bool = False,
-                 echo: Callable[[str], None] | None = None) -> PipelineResult:
+                 echo: Callable[[str], None] | None = None, board: IslandBoard | None = None) -> PipelineResult:
     """Run (or finish) the whole training pipeline for `cfg`; returns what happened.
 
     callbacks: extra TrainCallbacks for every island (pickled to the workers, called on every rank).
     echo: receives one human line per finished stage / island.
+    board: a live table to declare the islands and the router on and to tell their outcomes.
     Does not raise for failed islands: check `result.ok` (the CLI turns it into IslandsFailed).
     """
     from archipelago.data.prepare import prepare_data
@@ -184,6 +194,11 @@ def run_pipeline(cfg: ArchipelagoConfig, callbacks: Sequence[TrainCallback] = ()
     router_run = tracker.child("router", "router", {"router": cfg.router.model_dump(mode="json")},
                                {"archipelago.kind": "router", "archipelago.data_manifest_sha256": manifest_sha})
     strict = connect_ray(spec)
+    if board is not None:
+        for plan in spec.islands:
+            steps = island_expert_config(plan.island_config(cfg), cfg.data.num_clusters).steps
+            board.add_island(plan.name, plan.shard, steps, plan.out_url)
+        board.add_router(cfg.router.steps)
 
     # ---- islands || router ---------------------------------------------------------------------------
     from archipelago.orchestration.router_job import start_router
@@ -192,6 +207,9 @@ def run_pipeline(cfg: ArchipelagoConfig, callbacks: Sequence[TrainCallback] = ()
     router_ref = start_router(spec.router, cfg, spec.max_failures, tracker.worker_tracking(router_run))
 
     def done(res: IslandResult) -> None:
+        if board is not None:   # the table shows it
+            board.finish(res.name, res.status, res.steps, res.final_loss)
+            return
         say(f"{res.name}: {res.status}" + (f" ({res.error})" if res.error else
                                            f" -> {res.final_checkpoint}"))
 
@@ -202,7 +220,10 @@ def run_pipeline(cfg: ArchipelagoConfig, callbacks: Sequence[TrainCallback] = ()
     router = _wait_router(router_ref, spec.router.out_url)
     router.run_id = router_run
     stages["train_s"] = time.perf_counter() - t0
-    say(f"router: {router.status}" + (f" ({router.error})" if router.error else f" -> {router.url}"))
+    if board is not None:
+        board.finish("router", router.status, router.steps, router.final_loss)
+    else:
+        say(f"router: {router.status}" + (f" ({router.error})" if router.error else f" -> {router.url}"))
 
     # ---- tracking of what ran ------------------------------------------------------------------------
     plans = {p.shard: p for p in spec.islands}
@@ -253,6 +274,26 @@ def run_pipeline(cfg: ArchipelagoConfig, callbacks: Sequence[TrainCallback] = ()
     tracker.close(ok=True)
     _write_summary(result)
     return result
+
+
+def run_pipeline_live(cfg: ArchipelagoConfig, log_file: Path) -> PipelineResult:
+    """`run_pipeline` with one live table of the islands on the terminal and every other output (Ray's,
+    the workers', MLflow's) in `log_file`. A Ray instance started here is shut down inside, so that no late
+    worker line reaches the terminal."""
+    import ray
+
+    from archipelago.orchestration.progress import LiveBoard
+    from archipelago.quiet import quiet_output
+
+    connected_before = ray.is_initialized()
+    board = IslandBoard()
+    with quiet_output(log_file) as (console, _), LiveBoard(board, console) as live:
+        live.start()
+        try:
+            return run_pipeline(cfg, echo=live.echo, board=board)
+        finally:
+            if not connected_before and ray.is_initialized():
+                ray.shutdown()
 
 
 def _wait_router(ref: Any, url: str) -> RouterOutcome:

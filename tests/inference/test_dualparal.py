@@ -4,6 +4,7 @@ N=1 reference (real gloo processes), per-rank memory that does not grow with the
 from __future__ import annotations
 
 import itertools
+import re
 import sys
 from pathlib import Path
 
@@ -236,6 +237,10 @@ def test_generate_video_cli_torchrun_8x_training_length(trained_video_expert, tm
               "--steps", "3", "--world-size", "2", "--launcher", "torchrun", "--out", str(out), "--stats",
               str(tmp_path / "stats.json"), env={"OMP_NUM_THREADS": "1"}, timeout=240)
     assert res.returncode == 0, res.stderr[-3000:]
+    # one progress bar over the pipeline's iterations (blocks + steps - 1); torchrun's output in the log file
+    iterations = DualParalConfig(num_frames=8 * clip, block_frames=8, num_cat=2, steps=3).num_iterations
+    assert re.search(rf"^dualparal .* {iterations}/{iterations}", res.stdout, re.MULTILINE), res.stdout
+    assert re.search(r"^logs: \S+generate-video-\S+\.log \(--verbose shows them here\)$", res.stdout, re.MULTILINE)
     video = read_video(str(tmp_path / "video.safetensors"))
     assert video.shape == (1, 1, 8 * clip, 16, 16) and torch.isfinite(video).all()
     with Image.open(out) as gif:
@@ -252,7 +257,11 @@ def test_generate_video_cli_ray_actors(tiny_ckpt, tmp_path, cli):
     res = cli("generate-video", *args, "--world-size", "2", "--launcher", "ray", "--out", str(out),
               env={"OMP_NUM_THREADS": "1", "RAY_ADDRESS": ""}, timeout=240)
     assert res.returncode == 0, res.stderr[-3000:]
-    ref = cli("generate-video", *args, "--out", str(tmp_path / "one.gif"), env={"OMP_NUM_THREADS": "1"})
+    log = re.search(r"^logs: (\S+) ", res.stdout, re.MULTILINE)
+    assert log and "dualparal" in res.stdout and "Started a local Ray instance" not in res.stdout + res.stderr
+    assert "Started a local Ray instance" in Path(log.group(1)).read_text()     # Ray's own lines: in the file
+    ref = cli("generate-video", *args, "--out", str(tmp_path / "one.gif"), "--verbose", env={"OMP_NUM_THREADS": "1"})
+    assert "logs:" not in ref.stdout
     assert ref.returncode == 0, ref.stderr[-3000:]
     torch.testing.assert_close(read_video(str(tmp_path / "ray.safetensors")),
                                read_video(str(tmp_path / "one.safetensors")), rtol=1e-5, atol=1e-5)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -77,6 +78,15 @@ def test_expert_parallel_cli_equals_the_single_process_ensemble(trained, cli, tm
     got = _generate(cli, tmp_path, "ens-ep", "--ensemble", trained["ensemble"], "--mode", "top-1",
                     "--parallel", "expert_parallel", "--world-size", "2", "--launcher", "local")
     torch.testing.assert_close(got["samples"], ref["samples"], atol=1e-5, rtol=1e-5)
+
+    # the console: one progress bar over rank 0's sampler steps and the log file's path, nothing else
+    quiet = cli("generate", "--ensemble", trained["ensemble"], "--parallel", "expert_parallel", "--world-size", "2",
+                "--launcher", "local", "--n", "2", "--steps", "4", "--out", str(tmp_path / "q.png"), env=ENV,
+                timeout=240)
+    assert quiet.returncode == 0, quiet.stderr[-3000:]
+    lines = quiet.stdout.strip().splitlines()
+    assert lines[0].startswith("logs: ") and re.match(r"^expert_parallel.* 4/4 ", lines[1]), quiet.stdout
+    assert len(lines) == 3 and lines[2].startswith("2 samples (") and not quiet.stderr.strip(), quiet
 
     bad = cli("generate", "--expert", trained["expert"], "--parallel", "sync_patch", "--world-size", "3",
               "--launcher", "ray", "--n", "2", "--steps", "2", "--out", str(tmp_path / "bad.png"), env=ENV)

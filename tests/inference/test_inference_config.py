@@ -56,9 +56,13 @@ def test_bad_values_raise(kwargs, match):
 def test_from_the_yaml_inference_section():
     from archipelago.config import InferenceConfig
 
-    c = ParallelConfig.from_inference(InferenceConfig(mode="distrifusion", world_size=4, warmup_steps=3),
-                                      comm_group_layers=2)
+    c = ParallelConfig.from_inference(InferenceConfig(mode="distrifusion", world_size=4, warmup_steps=3,
+                                                      comm_group_layers=2))
     assert (c.mode, c.patch_degree, c.warmup_steps, c.comm_group_layers) == (Mode.distrifusion, 4, 3, 2)
+    single = ParallelConfig.from_inference(InferenceConfig(world_size=4))      # single ignores world_size
+    assert (single.mode, single.world_size) == (Mode.single, 1)
+    # one enum: the YAML section and the layout object share it
+    assert InferenceConfig.model_fields["mode"].annotation is Mode
 
 
 def test_rank_layout_matches_the_docstring_example():

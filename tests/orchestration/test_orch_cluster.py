@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import threading
@@ -22,18 +21,6 @@ from archipelago.errors import ConfigError
 from archipelago.orchestration.islands import ResourceGate
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def _free_ports(n: int) -> list[int]:
-    """n distinct free ports (all sockets held open while choosing, so none is handed out twice)."""
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -115,7 +102,7 @@ def _cli(*args: str, timeout: float = 180) -> subprocess.CompletedProcess:
 
 @pytest.mark.e2e
 @pytest.mark.timeout(700)
-def test_cluster_up_status_job_island_down(run_root, make_config, tmp_path):
+def test_cluster_up_status_job_island_down(run_root, make_config, tmp_path, free_ports):
     from archipelago.cluster.local import read_state
     from archipelago.experts.checkpoint import verify_checkpoint
     from archipelago.orchestration.islands import run_island
@@ -123,7 +110,7 @@ def test_cluster_up_status_job_island_down(run_root, make_config, tmp_path):
     state = tmp_path / "cluster.json"
     # Private ports and session dir: other Ray instances on this machine must neither clash nor attach.
     temp_dir = f"/tmp/arch-{uuid.uuid4().hex[:8]}"
-    gcs, dash, client, agent, metrics = _free_ports(5)
+    gcs, dash, client, agent, metrics = free_ports(5)
     up = _cli("cluster", "up", "--num-cpus", "2", "--port", str(gcs), "--dashboard-port", str(dash),
               "--temp-dir", temp_dir, "--state-file", str(state), f"--ray-arg=--ray-client-server-port={client}",
               f"--ray-arg=--dashboard-agent-listen-port={agent}", f"--ray-arg=--metrics-export-port={metrics}")

@@ -17,6 +17,10 @@ FAKE_SECRET = "fake-secret-Zq9wX7vB2nK4"
 FAKE_KEY_ID = "AKIAFAKEKEYID0042"
 
 
+# What Ray Train's workers and controllers print for every island (the console noise of issue 17).
+RAY_TRAIN_LINES = ("Reporting training result", "Checkpoint successfully created", "(RayTrainWorker pid=")
+
+
 def table_rows(stdout: str) -> list[str]:
     """The summary table's island / router lines (not the progress lines printed as islands finish)."""
     return [ln for ln in stdout.splitlines() if re.match(r"^(island-\d+\s+\d+|router\s+-)\s", ln)]
@@ -37,10 +41,17 @@ def test_train_two_islands_end_to_end(run_root, make_config, tmp_path):
                          check=False, capture_output=True, text=True, env=env, timeout=360, cwd=REPO)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
 
-    # ---- the summary table: one line per island + the router ------------------------------------------
+    # ---- one live table (island, shard, step/steps, loss, samples/s, ETA, status); Ray's logs in a file ---
     table = table_rows(res.stdout)
     assert [ln.split()[0] for ln in table] == ["island-0", "island-1", "router"], res.stdout
-    assert all(ln.split()[2] == "trained" for ln in table), res.stdout
+    assert all(ln.split()[2] == "10/10" and ln.split()[-1] == "trained" for ln in table), res.stdout
+    assert re.search(r"^island\s+shard\s+step/steps\s+loss\s+samples/s\s+ETA\s+status", res.stdout, re.MULTILINE), res.stdout
+    for noise in RAY_TRAIN_LINES:
+        assert noise not in res.stdout + res.stderr, (noise, res.stdout + res.stderr)
+    logs = re.search(r"^logs: (\S+) \(--verbose shows them here\)$", res.stdout, re.MULTILINE)
+    assert logs, res.stdout
+    log_text = Path(logs.group(1)).read_text()
+    assert any(noise in log_text for noise in RAY_TRAIN_LINES), log_text[-2000:]
 
     # ---- outputs: experts, router, ensemble.json that loads, a PNG grid, eval.json --------------------
     from archipelago.ensemble import load_ensemble
@@ -100,3 +111,12 @@ def test_train_two_islands_end_to_end(run_root, make_config, tmp_path):
     for mv in versions:
         assert not any(FAKE_SECRET in v for v in (mv.tags or {}).values())
     assert FAKE_SECRET not in res.stdout + res.stderr
+
+    # ---- --verbose: the logs come back to the console (two more steps, so the islands train again) ---------
+    more = subprocess.run([sys.executable, "-m", "archipelago.cli", "train", "--config", str(config_file), "--verbose",
+                           "--set", "expert.steps=12"],
+                          check=False, capture_output=True, text=True, env=env, timeout=360, cwd=REPO)
+    assert more.returncode == 0, more.stdout[-3000:] + more.stderr[-3000:]
+    assert "--verbose shows them here" not in more.stdout
+    assert any(noise in more.stdout + more.stderr for noise in RAY_TRAIN_LINES), more.stdout + more.stderr
+    assert FAKE_SECRET not in more.stdout + more.stderr
