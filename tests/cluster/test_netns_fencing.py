@@ -16,7 +16,9 @@ Three network namespaces on one switch (tests/cluster/test_netns.py's machinery,
    attempt 2 holds the run and stops at its next commit with one line (exit 2), publishing nothing;
 4. from inside node 0: the lease is attempt 2's, `final` carries fencing token 2 and verifies (every file's
    sha256), every committed checkpoint is attempt 2's or one attempt 2 inherited, and the reader's choice
-   (`CheckpointManager.latest`) is never a stale attempt's.
+   (`CheckpointManager.latest`) is never a stale attempt's. (Should the cut catch attempt 1 between its last
+   lease check and its commit marker -- two requests, see SECURITY.md -- the commit already in flight lands
+   after the link returns; the test then checks that readers reject it as a stale writer's.)
 
 Why two trainer processes and not Ray restarting the island: with Ray, the scenario is not reproducible.
 When a node is cut off, Ray's GCS declares it dead after its health checks fail, and when the link comes
@@ -49,7 +51,7 @@ pytestmark = [pytest.mark.e2e, pytest.mark.skipif(not ROOT, reason="network name
 
 S3_PORT = 5000
 TTL_S = 3.0
-STEPS, EVERY = 240, 40
+STEPS, EVERY = 600, 200     # a step takes ~10 ms: the cut lands well before attempt 1's next commit
 CONFIG = {
     "name": "netns-fencing",
     "data": {"image_size": 8, "num_clusters": 2, "seed": 0},
@@ -193,8 +195,11 @@ def test_partitioned_attempt_loses_its_lease_and_publishes_nothing(tmp_path, rec
         assert rc_a == 2 and len(errors) == 1, a_text[-3000:]
         assert "attempt 1 lost the lease" in errors[0] and "to attempt 2" in errors[0], errors
         assert "done:" not in a_text
-        a_after = _checkpoints(a_text)
-        assert a_after == a_before, (a_before, a_after)   # nothing committed after the cut
+        # Nothing committed after the cut -- except, on a machine slow enough that the cut caught attempt 1
+        # between its last lease check and its commit marker (SECURITY.md: the check and the write are two
+        # requests), a commit whose request was already in flight; readers must then ignore it (below).
+        in_flight = [s for s in _checkpoints(a_text) if s not in a_before]
+        assert len(in_flight) <= 1, (a_before, in_flight)
 
         # ---- 4. what a reader finds, from inside node 0 ------------------------------------------------------
         res = subprocess.run(net.exec_argv(0, [sys.executable, "-c", VERIFY, out]), check=False,
@@ -207,6 +212,9 @@ def test_partitioned_attempt_loses_its_lease_and_publishes_nothing(tmp_path, rec
         inherited = seen["holder"]["inherited"]
         assert inherited, "attempt 2 inherited none of attempt 1's checkpoints"
         for name, ck in seen["checkpoints"].items():
+            if ck["token"] == 1 and int(name.split("-")[1]) in in_flight:
+                assert ck["stale"] and "stale writer" in ck["stale"], ck       # never picked by a reader
+                continue
             assert ck["token"] == 2 or inherited.get(f"checkpoints/{name}") == ck["token"], (name, ck)
             assert ck["stale"] is None, ck
         assert seen["latest"].endswith(f"step-{STEPS:08d}"), seen["latest"]
@@ -219,5 +227,6 @@ def test_partitioned_attempt_loses_its_lease_and_publishes_nothing(tmp_path, rec
     left = set(net.namespaces) & set(netns.list_namespaces())
     assert not left, left
     wall = time.perf_counter() - t0
-    print(f"partition test: outage {outage:.1f}s, attempt 1 committed {a_before}, wall {wall:.0f}s")
+    print(f"partition test: outage {outage:.1f}s, attempt 1 committed {a_before} (+{in_flight} in flight), "
+          f"wall {wall:.0f}s")
     record_property("robustness: partitioned attempts fenced off (netns)", 1)
