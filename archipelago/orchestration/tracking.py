@@ -37,6 +37,7 @@ _PARAMS_PER_CALL = 100          # MLflow log_batch limits
 # that host can end the runs of a driver that was killed (SIGKILL, OOM, a lost node) instead of leaving them
 # RUNNING forever. Tags, not params: a re-run of the same config overwrites them.
 OWNER_HOST, OWNER_PID, OWNER_START = "archipelago.owner_host", "archipelago.owner_pid", "archipelago.owner_start"
+ENDED_BECAUSE, RESUMED_AFTER = "archipelago.ended_because", "archipelago.resumed_after"
 _METRICS_PER_CALL = 1000
 _MAX_PARAM_LEN = 500
 
@@ -262,8 +263,7 @@ class Tracker:
             params["config_hash"] = config_hash
             _log_params(client, parent, params)
         else:
-            with_retry(client.update_run, parent, status="RUNNING")
-            _set_owner(client, parent)
+            _resume(client, parent)
         tracker = cls(uri, client, exp_id, parent, children, state_url, config_hash, reused)
         tracker._save_state()
         log.info("MLflow: %s parent run %s in experiment %r (%s)", "resumed" if reused else "started", parent,
@@ -279,8 +279,7 @@ class Tracker:
         """The nested run `key` (e.g. island-0, router): reused if this pipeline already made it."""
         run_id = self.children.get(key)
         if run_id is not None and _run_exists(self.client, run_id, self.experiment_id):
-            with_retry(self.client.update_run, run_id, status="RUNNING")
-            _set_owner(self.client, run_id)
+            _resume(self.client, run_id)
         else:
             all_tags = {"mlflow.parentRunId": self.parent_run_id, **{k: scrub(str(v)) for k, v in tags.items()},
                         **_owner_tags()}
@@ -423,10 +422,18 @@ def _owner_tags() -> dict[str, str]:
     return {OWNER_HOST: socket.gethostname(), OWNER_PID: str(os.getpid()), OWNER_START: _start_ticks(os.getpid())}
 
 
-def _set_owner(client: Any, run_id: str) -> None:
+def _resume(client: Any, run_id: str) -> None:
+    """Set a reused run RUNNING again under this driver. A run a dead driver's end was recorded on (KILLED by
+    end_runs_of_dead_owners) keeps that as `archipelago.resumed_after` instead of `ended_because`."""
     from mlflow.entities import RunTag
 
-    with_retry(client.log_batch, run_id, tags=[RunTag(k, v) for k, v in _owner_tags().items()])
+    with_retry(client.update_run, run_id, status="RUNNING")
+    tags = _owner_tags()
+    why = with_retry(client.get_run, run_id).data.tags.get(ENDED_BECAUSE)
+    if why:
+        tags[RESUMED_AFTER] = why
+        with_retry(client.delete_tag, run_id, ENDED_BECAUSE)
+    with_retry(client.log_batch, run_id, tags=[RunTag(k, v) for k, v in tags.items()])
 
 
 def _owner_gone(tags: dict[str, str]) -> str | None:
@@ -456,7 +463,7 @@ def end_runs_of_dead_owners(client: Any, experiment_id: str) -> list[str]:
         why = _owner_gone(run.data.tags)
         if why is None:
             continue
-        with_retry(client.log_batch, run.info.run_id, tags=[RunTag("archipelago.ended_because", why)])
+        with_retry(client.log_batch, run.info.run_id, tags=[RunTag(ENDED_BECAUSE, why)])
         with_retry(client.set_terminated, run.info.run_id, "KILLED")
         ended.append(run.info.run_id)
     if ended:

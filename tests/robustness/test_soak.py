@@ -146,6 +146,11 @@ def test_runs_end_not_running_when_their_driver_is_gone(tmp_path, record_propert
     assert status == {"dead": "KILLED", "reused": "KILLED", "live": "RUNNING", "foreign": "RUNNING",
                       "untagged": "RUNNING"}, status
     assert "is gone" in client.get_run(ids["dead"]).data.tags["archipelago.ended_because"]
+    # a re-run that reuses such a run (same config) takes it over and says what happened before
+    tr._resume(client, ids["dead"])
+    run = client.get_run(ids["dead"])
+    assert run.info.status == "RUNNING" and run.data.tags[tr.OWNER_PID] == str(os.getpid())
+    assert "is gone" in run.data.tags[tr.RESUMED_AFTER] and tr.ENDED_BECAUSE not in run.data.tags
     record_property("robustness: runs of dead drivers ended KILLED", 2)
 
 
@@ -249,9 +254,11 @@ def test_soak_pipeline_on_s3_with_random_sigkills(s3_env, tmp_path, record_prope
     parents = [r for r in runs if r.data.tags.get("archipelago.kind") == "pipeline"
                and r.info.status == "FINISHED"]
     assert sorted(r.info.run_name for r in parents) == ["soak-0", "soak-1", "soak-2"]
+    resumed = sum(1 for r in runs if "archipelago.resumed_after" in r.data.tags)
 
     by_kind = {k: sum(1 for _, kind, _ in kills if kind == k) for k in ("island", "router", "driver")}
-    print(f"soak: {len(kills)} SIGKILLs {by_kind}, {len(reports)} driver starts, MLflow runs {status}, "
+    print(f"soak: {len(kills)} SIGKILLs {by_kind}, {len(reports)} driver starts, MLflow runs {status} "
+          f"({resumed} resumed after their driver was killed), "
           f"pipelines done in {wall:.0f}s; a driver's leftovers exited within {lingered:.0f}s ({lingering})")
     assert len(kills) >= 10 and all(by_kind.values()), (kills, pending)
     record_property("robustness: SIGKILLs survived (soak: islands, router, driver)", len(kills))
