@@ -11,7 +11,7 @@ back, with seeded random SIGKILLs of island workers, the router and the driver w
   The next driver starts at once meanwhile, as a user's re-run would.
 
 Cost: each run is a full Ray pipeline (~100 s on a loaded 2-core machine) plus the restarts the kills
-cause; about 9 minutes in all there (12 kills, 6 driver starts).
+cause; 8-9 minutes in all there (11-12 kills, 6 driver starts).
 
 Kills are drawn from a seeded RNG: which kind comes next (island | router | driver), which process of that
 kind, and the pause before it. The timing of the machine decides the rest; the counts are recorded.
@@ -180,7 +180,10 @@ def test_soak_pipeline_on_s3_with_random_sigkills(s3_env, tmp_path, record_prope
         for run in range(3):
             cfg = tmp_path / f"soak-{run}.yaml"
             cfg.write_text(yaml.safe_dump(_soak_config(run, bucket, mlruns), sort_keys=False))
-            pending += rng.sample(["island", "island", "router", "driver"], 4)
+            # 13 planned over the 3 runs; a kind that is not running when its turn comes waits for a later
+            # moment (or run), so a few may be left over at the very end
+            kinds = ["island", "island", "router", "driver"] + (["island"] if run == 0 else [])
+            pending += rng.sample(kinds, len(kinds))
             for attempt in range(8):
                 report = tmp_path / f"reaper-{run}-{attempt}.json"
                 log = open(tmp_path / f"driver-{run}-{attempt}.log", "wb")  # noqa: SIM115
