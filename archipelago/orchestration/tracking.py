@@ -16,6 +16,7 @@ import math
 import os
 import random
 import re
+import socket
 import tempfile
 import time
 from collections.abc import Callable, Iterable
@@ -32,6 +33,11 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 STATE_FILE = "tracking.json"   # under the run root: the run ids a re-run of the same config reuses
 _PARAMS_PER_CALL = 100          # MLflow log_batch limits
+# Who set a run RUNNING: the driver process (host, pid, its start time), so that the next driver start on
+# that host can end the runs of a driver that was killed (SIGKILL, OOM, a lost node) instead of leaving them
+# RUNNING forever. Tags, not params: a re-run of the same config overwrites them.
+OWNER_HOST, OWNER_PID, OWNER_START = "archipelago.owner_host", "archipelago.owner_pid", "archipelago.owner_start"
+ENDED_BECAUSE, RESUMED_AFTER = "archipelago.ended_because", "archipelago.resumed_after"
 _METRICS_PER_CALL = 1000
 _MAX_PARAM_LEN = 500
 
@@ -239,6 +245,7 @@ class Tracker:
         # Creating the store (and running its migrations) happens here, once, before any worker starts.
         with_retry(client.search_experiments, max_results=1)
         exp_id = _experiment(client, cfg.tracking.experiment, uri, root)
+        end_runs_of_dead_owners(client, exp_id)
         state_url = storage.join(root, STATE_FILE)
         config_hash = cfg.config_hash()
         state = storage.read_json(state_url) if storage.exists(state_url) else {}
@@ -249,13 +256,14 @@ class Tracker:
         reused = parent is not None
         if parent is None:
             run = with_retry(client.create_run, exp_id, run_name=cfg.name,
-                             tags={"archipelago.kind": "pipeline", "archipelago.config_hash": config_hash})
+                             tags={"archipelago.kind": "pipeline", "archipelago.config_hash": config_hash,
+                                   **_owner_tags()})
             parent = run.info.run_id
             params = flatten(cfg.model_dump(mode="json"))
             params["config_hash"] = config_hash
             _log_params(client, parent, params)
         else:
-            with_retry(client.update_run, parent, status="RUNNING")
+            _resume(client, parent)
         tracker = cls(uri, client, exp_id, parent, children, state_url, config_hash, reused)
         tracker._save_state()
         log.info("MLflow: %s parent run %s in experiment %r (%s)", "resumed" if reused else "started", parent,
@@ -271,9 +279,10 @@ class Tracker:
         """The nested run `key` (e.g. island-0, router): reused if this pipeline already made it."""
         run_id = self.children.get(key)
         if run_id is not None and _run_exists(self.client, run_id, self.experiment_id):
-            with_retry(self.client.update_run, run_id, status="RUNNING")
+            _resume(self.client, run_id)
         else:
-            all_tags = {"mlflow.parentRunId": self.parent_run_id, **{k: scrub(str(v)) for k, v in tags.items()}}
+            all_tags = {"mlflow.parentRunId": self.parent_run_id, **{k: scrub(str(v)) for k, v in tags.items()},
+                        **_owner_tags()}
             run = with_retry(self.client.create_run, self.experiment_id, run_name=run_name, tags=all_tags)
             run_id = run.info.run_id
             _log_params(self.client, run_id, flatten(params))
@@ -398,6 +407,69 @@ def _experiment(client: Any, name: str, uri: str, root: str) -> str:
         if exp is None:
             raise MlflowException(scrub(str(exc))) from None
         return exp.experiment_id
+
+
+def _start_ticks(pid: int) -> str:
+    """When process `pid` started (clock ticks since boot, /proc/<pid>/stat field 22): with the pid, it names
+    one process even after the pid is reused. "" where /proc is not available."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return ""
+
+
+def _owner_tags() -> dict[str, str]:
+    return {OWNER_HOST: socket.gethostname(), OWNER_PID: str(os.getpid()), OWNER_START: _start_ticks(os.getpid())}
+
+
+def _resume(client: Any, run_id: str) -> None:
+    """Set a reused run RUNNING again under this driver. A run a dead driver's end was recorded on (KILLED by
+    end_runs_of_dead_owners) keeps that as `archipelago.resumed_after` instead of `ended_because`."""
+    from mlflow.entities import RunTag
+
+    with_retry(client.update_run, run_id, status="RUNNING")
+    tags = _owner_tags()
+    why = with_retry(client.get_run, run_id).data.tags.get(ENDED_BECAUSE)
+    if why:
+        tags[RESUMED_AFTER] = why
+        with_retry(client.delete_tag, run_id, ENDED_BECAUSE)
+    with_retry(client.log_batch, run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+
+
+def _owner_gone(tags: dict[str, str]) -> str | None:
+    """Why the driver that set this run RUNNING no longer exists ("host h pid p is gone"), or None when it
+    may still be running (alive, on another host, or unknown: runs without owner tags are left alone)."""
+    from archipelago.cluster.local import pid_alive
+
+    host, pid = tags.get(OWNER_HOST), tags.get(OWNER_PID, "")
+    if host != socket.gethostname() or not pid.isdigit() or int(pid) == os.getpid():
+        return None
+    start = tags.get(OWNER_START, "")
+    if pid_alive(int(pid)) and (not start or _start_ticks(int(pid)) in ("", start)):
+        return None
+    return f"driver pid {pid} on host {host} is gone"
+
+
+def end_runs_of_dead_owners(client: Any, experiment_id: str) -> list[str]:
+    """End as KILLED the experiment's RUNNING runs whose driver died without ending them (a killed
+    `archipelago train`: its pipeline run and the island / router runs it had opened). Called when a driver
+    starts; a run of a live driver, or of a driver on another host, is left as it is. Returns their ids."""
+    from mlflow.entities import RunTag
+
+    runs = with_retry(client.search_runs, [experiment_id], filter_string="attributes.status = 'RUNNING'",
+                      max_results=1000)
+    ended = []
+    for run in runs:
+        why = _owner_gone(run.data.tags)
+        if why is None:
+            continue
+        with_retry(client.log_batch, run.info.run_id, tags=[RunTag(ENDED_BECAUSE, why)])
+        with_retry(client.set_terminated, run.info.run_id, "KILLED")
+        ended.append(run.info.run_id)
+    if ended:
+        log.warning("MLflow: %d run(s) left RUNNING by a driver that is gone marked KILLED (%s)", len(ended),
+                    ", ".join(r[:8] for r in ended))
+    return ended
 
 
 def _run_exists(client: Any, run_id: str, experiment_id: str) -> bool:
