@@ -31,8 +31,15 @@ def write_values(tmp_path: Path, values: dict, name: str = "values.yaml") -> Pat
     return path
 
 
-def template_raw(helm, *values_files: Path, sets: tuple[str, ...] = ()):
+# Pods have S3 credentials from their environment (IRSA-like): the chart otherwise refuses to render a
+# cluster that cannot reach its storage (test_chart_findings.py checks that refusal).
+AMBIENT = ("objectStore.ambientCredentials=true",)
+
+
+def template_raw(helm, *values_files: Path, sets: tuple[str, ...] = (), ambient: bool = True):
     args = ["template", RELEASE, str(CHART), "--namespace", NAMESPACE]
+    if ambient:
+        args += ["--set", AMBIENT[0]]
     for f in values_files:
         args += ["-f", str(f)]
     for s in sets:
@@ -135,7 +142,7 @@ def test_chart_app_version_is_the_package_version():
 @pytest.mark.e2e
 @pytest.mark.parametrize("values", [None, GPU_EXAMPLE], ids=["default", "3-islands-gpu"])
 def test_helm_lint(helm, values):
-    args = ["lint", "--strict", str(CHART)] + (["-f", str(values)] if values else [])
+    args = ["lint", "--strict", str(CHART), "--set", AMBIENT[0]] + (["-f", str(values)] if values else [])
     out = helm(*args)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "0 chart(s) failed" in out.stdout
@@ -234,7 +241,7 @@ def test_mlflow_backend_uri_from_existing_secret(helm, tmp_path):
 @pytest.mark.e2e
 def test_notes_explain_dashboard_mlflow_and_job_submission(helm):
     # --dry-run=client renders NOTES.txt without contacting a cluster.
-    out = helm("install", RELEASE, str(CHART), "--namespace", NAMESPACE, "--dry-run=client")
+    out = helm("install", RELEASE, str(CHART), "--namespace", NAMESPACE, "--dry-run=client", "--set", AMBIENT[0])
     assert out.returncode == 0, out.stderr
     notes = out.stdout.split("NOTES:", 1)[1]
     assert f"kubectl -n {NAMESPACE} port-forward svc/{FULLNAME}-head-svc 8265:8265" in notes

@@ -17,7 +17,10 @@ derives pod and service names from the RayCluster name, and those must stay vali
 {{- .Values.fullnameOverride | trunc 40 | trimSuffix "-" }}
 {{- else }}
 {{- $name := default .Chart.Name .Values.nameOverride }}
-{{- if contains $name .Release.Name }}
+{{- if not (regexMatch "^[a-z]" .Release.Name) }}
+{{- /* KubeRay names RayClusters/RayJobs as DNS-1035 labels (a letter first): release "1st" -> "archipelago-1st". */}}
+{{- printf "%s-%s" $name .Release.Name | trunc 40 | trimSuffix "-" }}
+{{- else if contains $name .Release.Name }}
 {{- .Release.Name | trunc 40 | trimSuffix "-" }}
 {{- else }}
 {{- printf "%s-%s" .Release.Name $name | trunc 40 | trimSuffix "-" }}
@@ -300,9 +303,7 @@ worker group per island, each advertising its island's custom Ray resource throu
 */}}
 {{- define "archipelago.rayClusterSpec" -}}
 {{- $root := . -}}
-{{- with .Values.ray.version }}
-rayVersion: {{ . | quote }}
-{{- end }}
+rayVersion: {{ .Values.ray.version | quote }}
 {{- if .Values.ray.autoscaling.enabled }}
 enableInTreeAutoscaling: true
 {{- with .Values.ray.autoscaling.options }}
@@ -331,7 +332,12 @@ headGroupSpec:
       {{- end }}
     spec:
       serviceAccountName: {{ include "archipelago.serviceAccountName" . }}
-      automountServiceAccountToken: {{ .Values.serviceAccount.automountServiceAccountToken }}
+      {{- /* KubeRay's autoscaler sidecar runs in this pod and talks to the API server with this service
+      account's token; the operator binds its Role (pods, rayclusters) to this account. */}}
+      automountServiceAccountToken: {{ or .Values.serviceAccount.automountServiceAccountToken .Values.ray.autoscaling.enabled }}
+      {{- with (default .Values.priorityClassName .Values.ray.head.priorityClassName) }}
+      priorityClassName: {{ . }}
+      {{- end }}
       {{- with include "archipelago.imagePullSecrets" . }}{{ . | trim | nindent 6 }}{{ end }}
       {{- with include "archipelago.podSecurityContext" . }}{{ . | trim | nindent 6 }}{{ end }}
       {{- with .Values.ray.head.nodeSelector }}
@@ -402,6 +408,9 @@ workerGroupSpecs:
       spec:
         serviceAccountName: {{ include "archipelago.serviceAccountName" $root }}
         automountServiceAccountToken: {{ $root.Values.serviceAccount.automountServiceAccountToken }}
+        {{- with (default $root.Values.priorityClassName $isl.priorityClassName) }}
+        priorityClassName: {{ . }}
+        {{- end }}
         {{- with include "archipelago.imagePullSecrets" $root }}{{ . | trim | nindent 8 }}{{ end }}
         {{- with include "archipelago.podSecurityContext" $root }}{{ . | trim | nindent 8 }}{{ end }}
         {{- with $isl.nodeSelector }}
@@ -478,6 +487,9 @@ workerGroupSpecs:
 {{- if .Values.rayJob.suspend }}
 {{- fail "rayJob.suspend=true needs rayJob.clusterMode=own (KubeRay cannot suspend a job on a shared cluster)" }}
 {{- end }}
+{{- if gt (int .Values.rayJob.backoffLimit) 0 }}
+{{- fail (printf "rayJob.backoffLimit=%v needs rayJob.clusterMode=own: KubeRay >= 1.6 rejects retries on a shared cluster (clusterSelector) and older versions delete that cluster on retry" .Values.rayJob.backoffLimit) }}
+{{- end }}
 {{- end }}
 {{- if and .Values.rayJob.suspend (not .Values.rayJob.shutdownAfterJobFinishes) }}
 {{- fail "rayJob.suspend=true needs rayJob.shutdownAfterJobFinishes=true (KubeRay rule)" }}
@@ -492,7 +504,35 @@ workerGroupSpecs:
 {{- if and .Values.minio.enabled (not (include "archipelago.objectStore.secretName" .)) }}
 {{- fail "minio.enabled=true needs credentials: set objectStore.existingSecret (keys objectStore.secretKeys.*) or objectStore.accessKeyId/secretAccessKey" }}
 {{- end }}
+{{- $cfgDir := dir .Values.archipelago.configPath }}
+{{- if has $cfgDir (list "/" "/tmp" "/dev" "/dev/shm") }}
+{{- fail (printf "archipelago.configPath=%s: its directory %s is a mount the chart already makes (or the root); put the config in a directory of its own, e.g. /etc/archipelago/config.yaml" .Values.archipelago.configPath $cfgDir) }}
+{{- end }}
+{{- range $what, $m := dict "ray.labels" .Values.ray.labels "rayJob.labels" .Values.rayJob.labels }}
+{{- range $k, $_ := $m }}
+{{- if or (hasPrefix "app.kubernetes.io/" $k) (hasPrefix "helm.sh/" $k) (hasPrefix "ray.io/" $k) }}
+{{- fail (printf "%s: %q is set by the chart or KubeRay; choose another key" $what $k) }}
+{{- end }}
+{{- end }}
+{{- end }}
 {{- if and (not .Values.objectStore.existingSecret) (or .Values.objectStore.accessKeyId .Values.objectStore.secretAccessKey) (not (and .Values.objectStore.accessKeyId .Values.objectStore.secretAccessKey)) }}
 {{- fail "objectStore.accessKeyId and objectStore.secretAccessKey must be set together (or use objectStore.existingSecret)" }}
+{{- end }}
+{{- include "archipelago.validateStorageAccess" . }}
+{{- end }}
+
+{{/*
+A cluster whose pods cannot reach storage.root would pull images, start the RayJob and fail at the first
+shard write minutes later; and `helm template | kubectl apply` or GitOps tools never show NOTES.txt. So an
+s3:// root with no credential source at all fails here, naming the ways to give pods credentials.
+*/}}
+{{- define "archipelago.validateStorageAccess" -}}
+{{- $root := (include "archipelago.config" . | fromYaml).storage.root }}
+{{- $envNames := list }}
+{{- range .Values.extraEnv }}{{- $envNames = append $envNames .name }}{{- end }}
+{{- $fromEnv := or (has "AWS_ACCESS_KEY_ID" $envNames) (has "AWS_WEB_IDENTITY_TOKEN_FILE" $envNames) (has "AWS_ROLE_ARN" $envNames) }}
+{{- $credentials := or (include "archipelago.objectStore.secretName" .) .Values.objectStore.ambientCredentials .Values.serviceAccount.annotations $fromEnv }}
+{{- if and (hasPrefix "s3://" $root) (not $credentials) }}
+{{- fail (printf "storage.root %s: pods get no S3 credentials, so training cannot write there. Set objectStore.existingSecret (a Secret with the keys), or minio.enabled=true with objectStore.existingSecret for a trial, or objectStore.ambientCredentials=true when pods get credentials from IRSA / workload identity / the node" $root) }}
 {{- end }}
 {{- end }}
