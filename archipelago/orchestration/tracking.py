@@ -331,23 +331,27 @@ class Tracker:
     # --- registry ---
     def register_ensemble(self, name: str, ensemble_url: str, extra_files: dict[str, str],
                           tags: dict[str, Any]) -> str | None:
-        """Log ensemble.json (+ manifest files) under the parent run's `ensemble/` artifacts and register that
-        directory as a version of model `name`; the same ensemble (sha256) is registered once. Returns the
-        version."""
+        """Log the ensemble as an MLflow pyfunc model (archipelago.serve.mlflow_model: packaged weights +
+        ensemble.json, extra_files beside MLmodel) under the parent run's `ensemble/` artifacts and register that
+        directory as a version of model `name`, so `mlflow.pyfunc.load_model("models:/name/V")` samples and
+        `mlflow models serve` serves it. The same ensemble (sha256) is registered once. Returns the version."""
         digest = storage.sha256_url(ensemble_url)
         existing = with_retry(self.client.search_model_versions,
                               f"name = '{name}' and run_id = '{self.parent_run_id}'")
         for mv in existing:
             if (mv.tags or {}).get("archipelago.ensemble_sha256") == digest:
                 return str(mv.version)
-        self.log_artifact(self.parent_run_id, ensemble_url, "ensemble")
-        for url in extra_files.values():
-            self.log_artifact(self.parent_run_id, url, "ensemble")
         from mlflow.exceptions import MlflowException
+
+        from archipelago.serve.mlflow_model import save_pyfunc
+
+        with tempfile.TemporaryDirectory(prefix="archipelago-model-") as tmp:
+            model_dir = save_pyfunc(ensemble_url, Path(tmp) / "ensemble", extra_files)
+            with_retry(self.client.log_artifacts, self.parent_run_id, str(model_dir), "ensemble")
 
         try:
             with_retry(self.client.create_registered_model, name,
-                       description="Archipelago ensemble: experts + router (ensemble.json and its manifests)")
+                       description="Archipelago ensemble (MLflow pyfunc): experts + router, ensemble.json, manifests")
         except MlflowException as exc:
             if "already exists" not in str(exc).lower() and "RESOURCE_ALREADY_EXISTS" not in str(exc):
                 raise
