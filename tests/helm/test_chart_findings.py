@@ -12,8 +12,16 @@ import re
 import pytest
 import yaml
 
-from tests.helm.test_helm_chart import (CHART, FULLNAME, REPO, one, ray_pod_specs, render, template_raw,
-                                        write_values)
+from tests.helm.test_helm_chart import (
+    CHART,
+    FULLNAME,
+    REPO,
+    one,
+    ray_pod_specs,
+    render,
+    template_raw,
+    write_values,
+)
 
 DNS_1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 

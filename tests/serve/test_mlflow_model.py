@@ -134,7 +134,7 @@ def test_the_same_ensemble_is_registered_once(registered):
     from archipelago.ensemble import read_spec, write_ensemble
     from archipelago.orchestration.tracking import Tracker
 
-    uri, ens, root = registered
+    _, ens, root = registered
     cfg = ArchipelagoConfig()
     cfg.name = NAME
     tracker = Tracker.open(cfg, str(root))
@@ -163,8 +163,6 @@ def _post(url: str, body: bytes, content_type: str = "application/json") -> tupl
 
 @pytest.mark.e2e
 def test_mlflow_models_serve_answers_invocations(registered, tmp_path):
-    import pandas as pd
-
     uri, _, _ = registered
     port = _free_port()
     # `mlflow models serve` execs `uvicorn` by name: the interpreter's bin directory must be on PATH.
@@ -172,7 +170,14 @@ def test_mlflow_models_serve_answers_invocations(registered, tmp_path):
     env = {**os.environ, "PATH": path, "MLFLOW_TRACKING_URI": uri, "MLFLOW_REGISTRY_URI": uri,
            "OMP_NUM_THREADS": "1"}
     env.pop("MLFLOW_RUN_ID", None)
-    log = open(tmp_path / "serve.log", "wb")
+    with open(tmp_path / "serve.log", "wb") as log:
+        _serve_and_query(uri, port, env, log, tmp_path)
+
+
+def _serve_and_query(uri: str, port: int, env: dict, log, tmp_path: Path) -> None:
+    """Start `mlflow models serve` on 127.0.0.1:port, query it, and stop it (by its process group)."""
+    import pandas as pd
+
     proc = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m", f"models:/{NAME}/1",
                              "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port),
                              "--workers", "1"],
@@ -208,7 +213,6 @@ def test_mlflow_models_serve_answers_invocations(registered, tmp_path):
         assert status == 200
     finally:
         _stop_group(proc)
-        log.close()
 
 
 def _stop_group(proc: subprocess.Popen) -> None:
