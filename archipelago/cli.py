@@ -392,11 +392,6 @@ NetnsStateOpt = typer.Option(None, "--state-file", help="Where `cluster local` r
                              "(default: ~/.archipelago/netns-cluster.json or $ARCHIPELAGO_NETNS_STATE).")
 
 
-def _netns_state_path(state_file: Path | None) -> Path:
-    return Path(state_file or os.environ.get("ARCHIPELAGO_NETNS_STATE") or "~/.archipelago/netns-cluster.json"
-                ).expanduser()
-
-
 @cluster_app.command("local")
 def cluster_local(
     nodes: int = typer.Option(3, "--nodes", min=1, help="Nodes (network namespaces); node 0 runs the Ray head."),
@@ -419,31 +414,15 @@ def cluster_local(
 
     Example: archipelago cluster local --nodes 3 --link-rate 100mbit
     """
-    from archipelago.cluster.netns import NetnsCluster, NetnsConfig
+    from archipelago.cluster import netns_state
+    from archipelago.cluster.netns import NetnsConfig
 
-    path = _netns_state_path(state_file)
     if down:
-        if not path.is_file():
-            typer.echo(f"no namespace cluster recorded in {path}; nothing stopped (leftovers: `archipelago "
-                       f"cluster cleanup`)")
-            return
-        net = NetnsCluster.from_state(path)
-        net.down()
-        path.unlink(missing_ok=True)
-        typer.echo(f"stopped namespace cluster {net.prefix} ({net.config.nodes} nodes)")
+        typer.echo(netns_state.local_down(state_file))
         return
-    if path.is_file():
-        net = NetnsCluster.from_state(path)
-        if net.is_running():
-            typer.echo(f"already running: namespace cluster {net.prefix}\n{net.describe()}")
-            return
-    net = NetnsCluster(NetnsConfig(nodes=nodes, link_rate=link_rate, num_cpus=num_cpus,
-                                   object_store_mb=object_store_mb, subnet=subnet, include_dashboard=dashboard))
-    t0 = time.perf_counter()
-    net.up()
-    net.save_state(path)
-    typer.echo(f"started {nodes} Ray nodes in network namespaces in {time.perf_counter() - t0:.0f}s "
-               f"(state: {path})\n{net.describe()}")
+    typer.echo(netns_state.local_up(NetnsConfig(nodes=nodes, link_rate=link_rate, num_cpus=num_cpus,
+                                                object_store_mb=object_store_mb, subnet=subnet,
+                                                include_dashboard=dashboard), state_file))
 
 
 @cluster_app.command("cleanup")
@@ -457,21 +436,9 @@ def cluster_cleanup(
 
     Example: archipelago cluster cleanup --prefix arch-
     """
-    import json
+    from archipelago.cluster import netns_state
 
-    from archipelago.cluster.netns import cleanup_stale
-
-    removed = cleanup_stale(prefix)
-    path = _netns_state_path(state_file)
-    if path.is_file():
-        try:
-            recorded = json.loads(path.read_text()).get("prefix", "")
-        except (OSError, ValueError):
-            recorded = ""
-        if not recorded or recorded.startswith(prefix):
-            path.unlink(missing_ok=True)
-    typer.echo(f"removed {len(removed)} namespaces: {', '.join(removed)}" if removed
-               else f"no namespaces starting with {prefix!r}")
+    typer.echo(netns_state.cleanup(prefix, state_file))
 
 
 # ----------------------------------------------------------------------------------------------------
