@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 export DS_ACCELERATOR ?= cpu
 export RAY_USAGE_STATS_ENABLED ?= 0
 
-.PHONY: setup quickstart test test-fast lint clean
+.PHONY: setup quickstart gallery test test-fast lint clean
 
 setup: $(STAMP)
 
@@ -24,6 +24,10 @@ $(STAMP): pyproject.toml constraints.txt
 quickstart: setup
 	$(BIN)/archipelago quickstart --config configs/digits-quickstart.yaml
 
+# docs/gallery.md and its pictures, from tiny models trained on the CPU (a few minutes)
+gallery: setup
+	$(PY) scripts/gallery.py
+
 test: setup
 	$(BIN)/python -m pytest -q
 
@@ -31,7 +35,7 @@ test-fast: setup
 	$(BIN)/python -m pytest -q -m "not e2e and not slow"
 
 lint: setup
-	$(BIN)/ruff check archipelago tests benchmarks
+	$(BIN)/ruff check archipelago tests benchmarks scripts
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -6,7 +6,6 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.console import Console
@@ -44,7 +43,7 @@ def _root(debug: bool = typer.Option(False, "--debug", help="Show full traceback
         os.environ["ARCHIPELAGO_DEBUG"] = "1"
 
 
-def _load(config: Path, overrides: Optional[list[str]]):
+def _load(config: Path, overrides: list[str] | None):
     from archipelago.config import load_config
 
     return load_config(config, overrides)
@@ -57,9 +56,9 @@ def _load(config: Path, overrides: Optional[list[str]]):
 @data_app.command("prepare")
 def data_prepare(
     config: Path = ConfigOpt,
-    out: Optional[str] = typer.Option(None, "--out", "-o", help="fsspec URL for shards + manifest "
+    out: str | None = typer.Option(None, "--out", "-o", help="fsspec URL for shards + manifest "
                                       "(default: <storage.root>/data)."),
-    overrides: Optional[list[str]] = SetOpt,
+    overrides: list[str] | None = SetOpt,
 ) -> None:
     """Embed the source, partition it into K balanced clusters and write K shards + manifest.json.
 
@@ -87,10 +86,10 @@ def data_prepare(
 def train_expert_cmd(
     shard: int = typer.Option(..., "--shard", "-k", help="Shard id (= expert id) to train on."),
     config: Path = ConfigOpt,
-    data: Optional[str] = typer.Option(None, "--data", help="Data URL (default: <storage.root>/data)."),
-    out: Optional[str] = typer.Option(None, "--out", help="Run URL (default: <storage.root>/experts/expert-K)."),
+    data: str | None = typer.Option(None, "--data", help="Data URL (default: <storage.root>/data)."),
+    out: str | None = typer.Option(None, "--out", help="Run URL (default: <storage.root>/experts/expert-K)."),
     no_resume: bool = typer.Option(False, "--no-resume", help="Start from scratch even if checkpoints exist."),
-    overrides: Optional[list[str]] = SetOpt,
+    overrides: list[str] | None = SetOpt,
 ) -> None:
     """Train one expert on one shard (in-process, or under torchrun for ddp/fsdp2/deepspeed).
 
@@ -131,7 +130,7 @@ def train_cmd(config: Path = ConfigOpt, overrides: list[str] | None = SetOpt, ve
     Example: archipelago train --config configs/digits-quickstart.yaml --set expert.steps=50
     On a Ray cluster: run the `submit:` line that `archipelago cluster up` prints.
     """
-    from archipelago.orchestration.pipeline import IslandsFailed, resolve_root, run_pipeline, run_pipeline_live
+    from archipelago.orchestration.pipeline import resolve_root, run_pipeline, run_pipeline_live
     from archipelago.quiet import log_path
 
     cfg = _load(config, overrides)
@@ -145,15 +144,8 @@ def train_cmd(config: Path = ConfigOpt, overrides: list[str] | None = SetOpt, ve
         result = run_pipeline_live(cfg, logs)
         for line in result.failure_lines():
             typer.echo(line)
-    if not result.ok:
-        names = [r.name for r in result.failed] + (["router"] if result.router.status == "failed" else [])
-        raise IslandsFailed(f"{', '.join(names)} failed (see above; summary in "
-                            f"{result.root}/pipeline.json); the other islands are kept — fix the cause and re-run "
-                            f"the same command to train only what is missing")
-    fd = (result.eval or {}).get("feature_distance")
-    typer.echo(f"done in {time.perf_counter() - t0:.1f}s: ensemble {result.ensemble}, grid {result.grid}"
-               + (f", feature distance {fd:.3f}" if isinstance(fd, float) else "")
-               + (f", MLflow run {result.parent_run_id}" if result.parent_run_id else ""))
+    result.raise_if_failed()
+    typer.echo(result.done_line(time.perf_counter() - t0))
 
 
 @app.command("train-router")
@@ -192,7 +184,7 @@ def train_router_cmd(
 def generate_cmd(
     ensemble: str | None = typer.Option(None, "--ensemble", help="ensemble.json URL (or its directory)."),
     expert: str | None = typer.Option(None, "--expert", help="One expert checkpoint directory instead."),
-    config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML whose `inference:` section (and "
+    config: Path | None = typer.Option(None, "--config", "-c", help="YAML whose `inference:` section (and "
                                           "expert.cfg_scale / sample_steps / sampler) sets the defaults below "
                                           "(default: the built-in defaults)."),
     overrides: list[str] | None = SetOpt,
@@ -392,11 +384,6 @@ NetnsStateOpt = typer.Option(None, "--state-file", help="Where `cluster local` r
                              "(default: ~/.archipelago/netns-cluster.json or $ARCHIPELAGO_NETNS_STATE).")
 
 
-def _netns_state_path(state_file: Path | None) -> Path:
-    return Path(state_file or os.environ.get("ARCHIPELAGO_NETNS_STATE") or "~/.archipelago/netns-cluster.json"
-                ).expanduser()
-
-
 @cluster_app.command("local")
 def cluster_local(
     nodes: int = typer.Option(3, "--nodes", min=1, help="Nodes (network namespaces); node 0 runs the Ray head."),
@@ -419,31 +406,15 @@ def cluster_local(
 
     Example: archipelago cluster local --nodes 3 --link-rate 100mbit
     """
-    from archipelago.cluster.netns import NetnsCluster, NetnsConfig
+    from archipelago.cluster import netns_state
+    from archipelago.cluster.netns import NetnsConfig
 
-    path = _netns_state_path(state_file)
     if down:
-        if not path.is_file():
-            typer.echo(f"no namespace cluster recorded in {path}; nothing stopped (leftovers: `archipelago "
-                       f"cluster cleanup`)")
-            return
-        net = NetnsCluster.from_state(path)
-        net.down()
-        path.unlink(missing_ok=True)
-        typer.echo(f"stopped namespace cluster {net.prefix} ({net.config.nodes} nodes)")
+        typer.echo(netns_state.local_down(state_file))
         return
-    if path.is_file():
-        net = NetnsCluster.from_state(path)
-        if net.is_running():
-            typer.echo(f"already running: namespace cluster {net.prefix}\n{net.describe()}")
-            return
-    net = NetnsCluster(NetnsConfig(nodes=nodes, link_rate=link_rate, num_cpus=num_cpus,
-                                   object_store_mb=object_store_mb, subnet=subnet, include_dashboard=dashboard))
-    t0 = time.perf_counter()
-    net.up()
-    net.save_state(path)
-    typer.echo(f"started {nodes} Ray nodes in network namespaces in {time.perf_counter() - t0:.0f}s "
-               f"(state: {path})\n{net.describe()}")
+    typer.echo(netns_state.local_up(NetnsConfig(nodes=nodes, link_rate=link_rate, num_cpus=num_cpus,
+                                                object_store_mb=object_store_mb, subnet=subnet,
+                                                include_dashboard=dashboard), state_file))
 
 
 @cluster_app.command("cleanup")
@@ -457,21 +428,9 @@ def cluster_cleanup(
 
     Example: archipelago cluster cleanup --prefix arch-
     """
-    import json
+    from archipelago.cluster import netns_state
 
-    from archipelago.cluster.netns import cleanup_stale
-
-    removed = cleanup_stale(prefix)
-    path = _netns_state_path(state_file)
-    if path.is_file():
-        try:
-            recorded = json.loads(path.read_text()).get("prefix", "")
-        except (OSError, ValueError):
-            recorded = ""
-        if not recorded or recorded.startswith(prefix):
-            path.unlink(missing_ok=True)
-    typer.echo(f"removed {len(removed)} namespaces: {', '.join(removed)}" if removed
-               else f"no namespaces starting with {prefix!r}")
+    typer.echo(netns_state.cleanup(prefix, state_file))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -493,26 +452,16 @@ def quickstart(
     Example: archipelago quickstart --config configs/digits-quickstart.yaml --out runs/quickstart
     """
     from archipelago import storage
+    from archipelago.orchestration.pipeline import output_map
 
     cfg_overrides = (overrides or []) + ([f"storage.root={out}"] if out else [])
     train_cmd(config=config, overrides=cfg_overrides, verbose=verbose)
     cfg = _load(config, cfg_overrides)
-    root = cfg.storage.root
-    lines = [("data shards + manifest", storage.join(root, "data")),
-             ("expert checkpoints", storage.join(root, "experts", "expert-<k>", "final")),
-             ("router", storage.join(root, "router")),
-             ("ensemble", storage.join(root, "ensemble.json")),
-             ("sample grids (PNG)", storage.join(root, "samples")),
-             ("evaluation", storage.join(root, "eval.json"))]
     typer.echo("\noutputs:")
-    for name, url in lines:
+    for name, url in output_map(cfg):
         typer.echo(f"  {name:<24} {url}")
-    if cfg.tracking.enabled:
-        from archipelago.orchestration.tracking import resolve_tracking_uri
-
-        typer.echo(f"  {'MLflow UI':<24} mlflow ui --backend-store-uri {resolve_tracking_uri(cfg)}")
-    typer.echo(f"next: archipelago generate --ensemble {storage.join(root, 'ensemble.json')} --mode top-2 "
-               f"--out grid.png")
+    typer.echo(f"next: archipelago generate --ensemble {storage.join(cfg.storage.root, 'ensemble.json')} "
+               f"--mode top-2 --out grid.png")
 
 
 @app.command("generate-video")

@@ -30,6 +30,7 @@ import torch
 from bench_common import machine, write_report
 
 from archipelago import storage
+from archipelago.eval.video import boundary_consistency, video_memory_bytes
 from archipelago.experts.checkpoint import (
     EMA,
     FORMAT_VERSION,
@@ -42,10 +43,8 @@ from archipelago.experts.video_dit import VideoDiT
 from archipelago.inference.dualparal import (
     DualParal,
     DualParalConfig,
-    boundary_consistency,
     naive_blockwise,
     remove_twins,
-    video_memory_bytes,
 )
 from archipelago.inference.video_cli import VideoSpec, launch_local_runs
 

@@ -134,10 +134,10 @@ def driver(args: argparse.Namespace) -> int:
     import ray
     import torch
 
+    from archipelago.eval.fidelity import psnr
     from archipelago.experts.checkpoint import save_for_inference
     from archipelago.experts.dit import DiT
     from archipelago.inference.config import ParallelConfig
-    from archipelago.inference.quality import psnr
     from archipelago.inference.ray_launcher import launch_ray
     from archipelago.inference.runner import SamplingSpec
 

@@ -32,11 +32,11 @@ from typing import Any
 import torch
 from bench_common import machine, write_report
 
+from archipelago.eval.fidelity import psnr
 from archipelago.experts.checkpoint import save_for_inference
 from archipelago.experts.dit import DiT
 from archipelago.inference.config import ParallelConfig
 from archipelago.inference.local import launch_local
-from archipelago.inference.quality import psnr
 from archipelago.inference.runner import SamplingSpec
 
 RESULTS = Path(__file__).resolve().parent / "results" / "parallel_inference.json"

@@ -3,28 +3,32 @@
     run_url/checkpoints/step-00000100/   model.safetensors   raw (trained) weights, full
                                          ema.safetensors     EMA weights: what sampling uses
                                          rng.safetensors     per-rank RNG states (torch + noise generator)
-                                         optimizer/...       strategy-specific (see parallelize.py)
+                                         optimizer/...       strategy-specific (see "Optimizer state" below)
                                          meta.json           written LAST: the commit marker
     run_url/final/                       the same layout, for the last step
 
 A directory without meta.json is incomplete (the writer died) and is ignored; `latest()` also checks every
 file's sha256 against meta.json. Every write goes through `archipelago.storage` (atomic; local, memory://,
 s3://). Nothing here unpickles: weights are safetensors, structure is JSON (optimizer-state formats and
-their safety are described in parallelize.py).
+their safety are described in the "Optimizer state" section below).
 """
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import os
+import pickle
 import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
 
 from archipelago import storage
 from archipelago.errors import CheckpointError, LeaseError, StorageError
@@ -446,3 +450,162 @@ def check_resumable(meta: dict[str, Any], ckpt_url: str, model: nn.Module, strat
                               f"{saved} (world size {meta.get('world_size')}, zero stage {meta.get('zero_stage')}) "
                               f"and cannot be resumed by {strategy} (world size {world_size}); resume with the "
                               f"original strategy or start a new run")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Optimizer state: safetensors + JSON (single / ddp), safe loading of DCP (fsdp2) and DeepSpeed files
+# ----------------------------------------------------------------------------------------------------
+#
+# Optimizer state on disk, and what loading it trusts:
+#   single / ddp  `optimizer.safetensors` (tensors) + `optimizer.json` (structure, scalars): never unpickled.
+#   fsdp2         torch.distributed.checkpoint (one `.distcp` file per rank + `.metadata`). Stock DCP loading
+#                 unpickles `.metadata` (pickle.load) and non-tensor items (torch.load weights_only=False);
+#                 we read `.metadata` with an unpickler that only constructs DCP's own metadata classes
+#                 (`SafeFileSystemReader`) and non-tensor items with weights_only=True
+#                 (`WeightsOnlyLoadPlanner`), so a crafted file fails to load instead of running code.
+#   deepspeed     `engine.save_checkpoint` (`*.pt` files written with torch.save). DeepSpeed loads them with
+#                 `weights_only=False`; before handing them over we load every file once with
+#                 `torch.load(weights_only=True)` and an allowlist of the few DeepSpeed classes it pickles, so
+#                 a file that would execute code is rejected (CheckpointError) before DeepSpeed sees it.
+
+OPTIM_TENSORS = "optimizer.safetensors"
+OPTIM_JSON = "optimizer.json"
+
+
+def write_optimizer_state(state_dict: dict[str, Any], local_dir: Path) -> None:
+    """Write a torch optimizer state_dict as safetensors + JSON, so loading it never unpickles."""
+    from safetensors.torch import save_file
+
+    tensors, structure = flatten_optimizer_state(state_dict)
+    save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(local_dir / OPTIM_TENSORS))
+    (local_dir / OPTIM_JSON).write_text(json.dumps(structure, indent=1, sort_keys=True))
+
+
+def read_optimizer_state(optimizer: torch.optim.Optimizer, local_dir: Path, strategy: str) -> None:
+    """Load what `write_optimizer_state` wrote into optimizer; CheckpointError names the file if it
+    is missing or does not fit."""
+    from safetensors.torch import load_file
+
+    tensors_path, json_path = local_dir / OPTIM_TENSORS, local_dir / OPTIM_JSON
+    for p in (tensors_path, json_path):
+        if not p.is_file():
+            raise CheckpointError(f"{p.name}: missing from the checkpoint (optimizer state of a "
+                                  f"{strategy} run expected)")
+    try:
+        tensors = load_file(str(tensors_path))
+        structure = json.loads(json_path.read_text())
+        optimizer.load_state_dict(unflatten_optimizer_state(tensors, structure))
+    except (ValueError, KeyError, TypeError, RuntimeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{tensors_path.name}: optimizer state does not fit this model "
+                              f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from None
+
+
+def flatten_optimizer_state(sd: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """torch optimizer state_dict -> (tensors for safetensors, JSON structure with scalars and groups)."""
+    tensors: dict[str, torch.Tensor] = {}
+    state: dict[str, dict[str, Any]] = {}
+    for pid, pstate in sd["state"].items():
+        entry: dict[str, Any] = {}
+        for name, value in pstate.items():
+            if isinstance(value, torch.Tensor):
+                key = f"state.{pid}.{name}"
+                tensors[key] = value
+                entry[name] = {"tensor": key}
+            else:
+                entry[name] = {"value": value}
+        state[str(pid)] = entry
+    return tensors, {"format": "torch-optimizer-v1", "state": state, "param_groups": sd["param_groups"]}
+
+
+def unflatten_optimizer_state(tensors: dict[str, torch.Tensor], structure: dict[str, Any]) -> dict[str, Any]:
+    if structure.get("format") != "torch-optimizer-v1":
+        raise ValueError(f"unknown optimizer state format {structure.get('format')!r}")
+    state: dict[int, dict[str, Any]] = {}
+    for pid, entry in structure["state"].items():
+        state[int(pid)] = {name: (tensors[v["tensor"]] if "tensor" in v else v["value"])
+                           for name, v in entry.items()}
+    groups = [dict(g, betas=tuple(g["betas"])) if "betas" in g else dict(g) for g in structure["param_groups"]]
+    return {"state": state, "param_groups": groups}
+
+
+def check_weights_only(path: Path) -> None:
+    """Load a torch.save file with the weights-only unpickler (DeepSpeed's few classes allowlisted);
+    CheckpointError if it holds anything else (e.g. a pickle that would run code)."""
+    allowed = _deepspeed_safe_globals()
+    try:
+        with torch.serialization.safe_globals(allowed):
+            torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - UnpicklingError, RuntimeError, EOFError, ...
+        first = str(exc).splitlines()[0][:160] if str(exc) else ""
+        raise CheckpointError(f"{path.name}: refused to load: not a weights-only torch file "
+                              f"({type(exc).__name__}: {first})") from None
+
+
+def _deepspeed_safe_globals() -> list[Any]:
+    """Non-tensor classes DeepSpeed (ZeRO 1-3, fp32) writes into its checkpoint files."""
+    out: list[Any] = []
+    with contextlib.suppress(ImportError):
+        from deepspeed.runtime.fp16.loss_scaler import LossScaler
+        out.append(LossScaler)
+    with contextlib.suppress(ImportError):
+        from deepspeed.runtime.zero.config import ZeroStageEnum
+        out.append(ZeroStageEnum)
+    with contextlib.suppress(ImportError):
+        from deepspeed.utils.tensor_fragment import fragment_address
+        out.append(fragment_address)
+    return out
+
+
+# --- DCP: read `.metadata` and byte items without running arbitrary pickles ---
+
+class _SafeUnpickler(pickle.Unpickler):
+    """Unpickler that only constructs DCP's metadata classes, torch sizes/dtypes/layouts and paths."""
+
+    _MODULES: ClassVar[tuple[str, ...]] = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.filesystem",
+                "torch.distributed.checkpoint.planner")
+    _NAMES: ClassVar[set[tuple[str, str]]] = {("torch", "Size"), ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"),
+              ("pathlib", "PurePosixPath"), ("pathlib", "WindowsPath"), ("pathlib", "PureWindowsPath"),
+              ("collections", "OrderedDict")}
+
+    def find_class(self, module: str, name: str) -> Any:
+        if "." not in name:
+            if (module, name) in self._NAMES:
+                return super().find_class(module, name)
+            obj = super().find_class(module, name) if module in self._MODULES or module == "torch" else None
+            # Only classes defined in DCP's metadata modules (dataclasses, enums), or torch dtypes.
+            if isinstance(obj, type) and obj.__module__ == module and module in self._MODULES:
+                return obj
+            if module == "torch" and isinstance(obj, torch.dtype):
+                return obj
+        raise pickle.UnpicklingError(f"DCP metadata refers to {module}.{name}, which is not allowed")
+
+
+class SafeFileSystemReader(FileSystemReader):
+    """DCP reader whose `.metadata` goes through `_SafeUnpickler` (stock DCP uses pickle.load)."""
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
+        from torch.distributed.checkpoint.metadata import StorageMeta
+
+        path = Path(self.path) / ".metadata"
+        try:
+            with open(path, "rb") as fh:
+                metadata = _SafeUnpickler(fh).load()
+        except (pickle.UnpicklingError, EOFError, AttributeError, ValueError) as exc:
+            raise CheckpointError(f"{path.parent.name}/.metadata: refused to load ({exc})") from None
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+class WeightsOnlyLoadPlanner(DefaultLoadPlanner):
+    """DefaultLoadPlanner, but non-tensor items (optimizer hyper-parameters) load with weights_only=True."""
+
+    def load_bytes(self, read_item: Any, value: Any) -> None:
+        obj = torch.load(value, weights_only=True)
+        if self.flatten_state_dict:
+            from torch.distributed.checkpoint._nested_dict import set_element
+
+            set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
+        else:
+            self.state_dict[read_item.dest_index.fqn] = obj

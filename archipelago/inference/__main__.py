@@ -25,16 +25,8 @@ import torch.distributed as dist
 
 from archipelago.errors import ArchipelagoError, ConfigError
 from archipelago.inference.config import Mode, ParallelConfig
-from archipelago.inference.runner import (
-    SamplingSpec,
-    _device,
-    check_patch_rows,
-    close_group,
-    init_process_group,
-    rank_error_line,
-    rank_exit,
-    run_parallel_sampling,
-)
+from archipelago.inference.rank import process_group, rank_device, rank_error_line, rank_exit
+from archipelago.inference.runner import SamplingSpec, check_patch_rows, run_parallel_sampling
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -88,26 +80,19 @@ def _spec_and_layout(args: argparse.Namespace) -> tuple[SamplingSpec, ParallelCo
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    owns_group, ok = False, False
     try:
         spec, pcfg = _spec_and_layout(args)
         check_patch_rows(spec, pcfg)   # one line on every rank, before a rendezvous that could wait forever
-        if pcfg.world_size > 1 and not dist.is_initialized():
-            # joined here (not inside run_parallel_sampling) so the ranks' summaries can be gathered after
-            init_process_group(int(os.environ["RANK"]), pcfg.world_size, None, _device(spec))
-            owns_group = True
-        result = run_parallel_sampling(spec, pcfg)
-        summaries = [result.summary()]
-        if pcfg.world_size > 1:
-            summaries = [None] * pcfg.world_size
-            dist.all_gather_object(summaries, result.summary())
-        ok = True
+        # joined here (not inside run_parallel_sampling) so the ranks' summaries can be gathered after
+        with process_group(pcfg.world_size, None, None, rank_device(spec.device)):
+            result = run_parallel_sampling(spec, pcfg)
+            summaries = [result.summary()]
+            if pcfg.world_size > 1:
+                summaries = [None] * pcfg.world_size
+                dist.all_gather_object(summaries, result.summary())
     except Exception as exc:  # noqa: BLE001 - every rank reports its own cause as one line, then exits
         print(rank_error_line(exc), file=sys.stderr, flush=True)
         return 2 if isinstance(exc, ArchipelagoError) else 1
-    finally:
-        if owns_group:
-            close_group(ok)
     if result.rank == 0:
         summary = summaries[0]
         print(json.dumps({k: summary[k] for k in ("describe", "latency_s", "peak_mem_bytes")}))

@@ -6,7 +6,8 @@ an async all-gather is timed where its owner waits on it (the communication that
 
 Byte convention (what this rank receives over the wire, independent of the backend's algorithm):
 all_gather: (group_size - 1) x local bytes; all_reduce: 2 (group_size - 1) / group_size x bytes (a ring
-reduce-scatter + all-gather); send/recv: the tensor's bytes.
+reduce-scatter + all-gather); point to point: the tensor's bytes, counted once, by the sender (`recv`
+adds only the time it waited, so a ring's bytes are not counted twice).
 """
 from __future__ import annotations
 
@@ -179,10 +180,11 @@ class Comm:
         return work
 
     def recv(self, tensor: torch.Tensor, src: int, layer_type: str) -> torch.Tensor:
+        """Blocking receive into `tensor`; its bytes were counted by the sender, the wait is counted here."""
         t0 = time.perf_counter()
         dist.recv(tensor, src)
         self._sync()
-        self._count(layer_type, _nbytes(tensor), time.perf_counter() - t0)
+        self.stats.by_type[layer_type].seconds += time.perf_counter() - t0
         return tensor
 
     def barrier(self) -> None:

@@ -53,7 +53,6 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
-import torch.distributed as dist
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
@@ -348,7 +347,7 @@ class DualParal:
         self._inflight: deque[tuple[Any, torch.Tensor, int]] = deque()
         self.stats = PipelineStats(self.rank, self.world, (start, end))
 
-    # --- communication (isend is not in Comm yet: bytes are counted into its stats here) ---
+    # --- communication (through Comm, which counts every byte sent) ---
     # gloo's isend handles report completion only once waited on, so finished sends must be waited for
     # explicitly; a wait must never block on a rank that is itself waiting (deadlock). Rule:
     # - hidden states (rank r -> r+1): at most two in flight; waiting on the older one only needs rank r+1
@@ -360,9 +359,7 @@ class DualParal:
     # velocities), never by the video length.
     def _isend(self, tensor: torch.Tensor, dst: int, layer_type: str, iteration: int) -> None:
         tensor = tensor.contiguous()
-        work = dist.isend(tensor, dst)
-        self.comm._count(layer_type, tensor.numel() * tensor.element_size(), is_async=True)
-        self._inflight.append((work, tensor, iteration))
+        self._inflight.append((self.comm.isend(tensor, dst, layer_type), tensor, iteration))
         if not self.last:
             while len(self._inflight) > 2:
                 self._inflight.popleft()[0].wait()
@@ -371,11 +368,10 @@ class DualParal:
         while self._inflight and self._inflight[0][2] <= iteration - 2:
             self._inflight.popleft()[0].wait()
 
-    def _recv(self, shape: tuple[int, ...], dtype: torch.dtype, src: int) -> torch.Tensor:
+    def _recv(self, shape: tuple[int, ...], dtype: torch.dtype, src: int, layer_type: str) -> torch.Tensor:
         buf = torch.empty(shape, dtype=dtype, device=self.device)
         t0 = time.perf_counter()
-        dist.recv(buf, src)
-        self.comm._sync()
+        self.comm.recv(buf, src, layer_type)
         self.stats.wait_s += time.perf_counter() - t0
         return buf
 
@@ -430,7 +426,7 @@ class DualParal:
         """Receive and apply pending velocities (FIFO) while `until(pending slot)` holds (None: all)."""
         while self._pending and (until is None or any(until(p) for p in self._pending)):
             slot = self._pending.popleft()
-            self._apply(slot, self._recv(v_shape, torch.float32, self.world - 1), sink)
+            self._apply(slot, self._recv(v_shape, torch.float32, self.world - 1, "dualparal_velocity"), sink)
 
     # --- the loop ---
     @torch.no_grad()
@@ -483,7 +479,8 @@ class DualParal:
                     _, tt, yy = self._batch(None, t, y)
                     c = _conditioning(m, tt, yy)                                  # [N', D]
                     length = (ctx + cfg.block_frames) * self.tokens_per_frame
-                    tokens = self._recv((cfg_batch, length, m.hidden_size), self.dtype, self.rank - 1)
+                    tokens = self._recv((cfg_batch, length, m.hidden_size), self.dtype, self.rank - 1,
+                                         "dualparal_hidden")
                     if self.last and i == 0:
                         self._reap_velocity_sends(k)
                 keep = None
@@ -512,7 +509,7 @@ class DualParal:
             if self._blocks:
                 raise RuntimeError(f"dualparal: blocks {sorted(self._blocks)} unfinished after the schedule")
         self._flush_sends()
-        self.comm._sync()
+        self.comm.sync()
         self.stats.latency_s = time.perf_counter() - t_start
         self.stats.iterations = cfg.num_iterations
         self.stats.comm = self.comm.stats.as_dict()
@@ -525,7 +522,7 @@ class DualParal:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Baseline and metrics
+# Baseline (its metrics live in archipelago/eval/video.py)
 # ----------------------------------------------------------------------------------------------------
 
 @torch.no_grad()
@@ -543,34 +540,6 @@ def naive_blockwise(model: nn.Module, cfg: DualParalConfig, y: torch.Tensor) -> 
     return torch.cat(blocks, dim=2)[:, :, :cfg.num_frames]
 
 
-def boundary_consistency(video: torch.Tensor, block_frames: int, pool: int = 1) -> dict[str, float]:
-    """Mean absolute change between consecutive frames at block boundaries (frame bB-1 -> bB) vs inside
-    blocks; video [N, C, F, H, W]. ratio >> 1 means visible jumps where blocks meet. `pool` > 1 compares
-    pool x pool average-pooled frames (a low-pass feature: insensitive to pixel-level flicker)."""
-    v = video.float()
-    if pool > 1:
-        n, c, f, h, w = v.shape
-        v = torch.nn.functional.avg_pool2d(v.transpose(1, 2).reshape(n * f, c, h, w), pool)
-        v = v.reshape(n, f, c, h // pool, w // pool).transpose(1, 2)             # [N, C, F, H/p, W/p]
-    diff = (v[:, :, 1:] - v[:, :, :-1]).abs().mean(dim=(0, 1, 3, 4))             # [F-1]
-    idx = torch.arange(diff.shape[0])
-    at_boundary = (idx + 1) % block_frames == 0
-    if not at_boundary.any() or at_boundary.all():
-        raise ValueError(f"need frames both inside and across blocks (F={video.shape[2]}, B={block_frames})")
-    boundary, inside = float(diff[at_boundary].mean()), float(diff[~at_boundary].mean())
-    return {"boundary": boundary, "inside": inside, "ratio": boundary / max(inside, 1e-12)}
-
-
-def video_memory_bytes(cfg: DualParalConfig, model: nn.Module, batch: int = 1) -> dict[str, int]:
-    """Analytic size of the state rank 0 holds: blocks in flight + template + tail, vs the whole video's
-    latents (what a non-block-wise sampler would hold), fp32."""
-    frame = batch * model.in_channels * model.input_size ** 2 * 4
-    in_flight = min(cfg.steps, cfg.num_blocks)
-    return {"blocks_in_flight": in_flight * cfg.block_frames * frame,
-            "template_and_tail": (cfg.block_frames + cfg.num_cat) * frame,
-            "whole_video": cfg.num_blocks * cfg.block_frames * frame}
-
-
 __all__ = ["DualParal", "DualParalConfig", "LiveTensorBytes", "NeighbourKVAttention", "PipelineStage",
-           "PipelineStats", "Slot", "block_noise", "boundary_consistency", "install_twins", "keep_only_stage",
-           "naive_blockwise", "noise_template", "remove_twins", "stage_layers", "video_memory_bytes"]
+           "PipelineStats", "Slot", "block_noise", "install_twins", "keep_only_stage",
+           "naive_blockwise", "noise_template", "remove_twins", "stage_layers"]

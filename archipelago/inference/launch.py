@@ -13,14 +13,12 @@ which writes the picture, so the output lands where the user asked whatever node
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import tempfile
 from typing import Any
 
 import torch
 
-from archipelago.errors import ArchipelagoError, ConfigError
+from archipelago.errors import ConfigError
 from archipelago.inference.config import ParallelConfig
 from archipelago.inference.runner import (
     SamplingSpec,
@@ -28,8 +26,9 @@ from archipelago.inference.runner import (
     read_samples,
     run_parallel_sampling,
 )
+from archipelago.inference.torchrun import run_torchrun
 
-LAUNCHERS = ("torchrun", "ray", "local")
+LAUNCHERS: tuple[str, ...] = ("torchrun", "ray", "local")   # image and video inference alike
 
 
 def resolve_members(source: str) -> tuple[list[str], str | None, dict[str, Any], list[list[int]] | None]:
@@ -85,22 +84,11 @@ def generate_parallel(spec: SamplingSpec, pcfg: ParallelConfig, launcher: str = 
 
 def _via_ray(spec: SamplingSpec, pcfg: ParallelConfig, ray_address: str | None, timeout_s: float,
              rank_resources: list[str] | None) -> tuple[torch.Tensor, list[dict[str, Any]]]:
-    import ray
+    from archipelago.inference.ray_launcher import launch_ray, on_ray
 
-    from archipelago.cluster.local import connect_ray
-    from archipelago.inference.ray_launcher import launch_ray
-
-    started = connect_ray(ray_address, hint="fix --ray-address / RAY_ADDRESS", include_dashboard=False,
-                          log_to_driver=False)
-    try:
-        # GLOO_SOCKET_IFNAME passes through: on multi-homed nodes (namespaces, pods) it names the NIC to use
-        env = {k: os.environ[k] for k in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME") if k in os.environ}
-        results = launch_ray(spec, pcfg, timeout_s=timeout_s, env=env, rank_resources=rank_resources)
-    except RuntimeError as exc:
-        raise ArchipelagoError(f"ray launcher: {exc}") from None
-    finally:
-        if started:
-            ray.shutdown()
+    results = on_ray(lambda env: launch_ray(spec, pcfg, timeout_s=timeout_s, env=env,
+                                            rank_resources=rank_resources),
+                     ray_address, hint="fix --ray-address / RAY_ADDRESS")
     return torch.as_tensor(results[0].samples).clone(), [r.summary() for r in results]
 
 
@@ -110,17 +98,8 @@ def _via_torchrun(spec: SamplingSpec, pcfg: ParallelConfig,
 
     with tempfile.TemporaryDirectory(prefix="archipelago-generate-") as tmp:
         out, stats = os.path.join(tmp, "samples.safetensors"), os.path.join(tmp, "stats.json")
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               f"--nproc-per-node={pcfg.world_size}", "-m", "archipelago.inference",
-               "--spec-json", spec.model_copy(update={"out": out}).model_dump_json(),
-               "--parallel-json", pcfg.model_dump_json(), "--stats", stats]
-        env = {"OMP_NUM_THREADS": "1", **os.environ}
-        try:
-            proc = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True, timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            raise ArchipelagoError(f"torchrun generate: no result within {timeout_s:.0f}s") from None
-        if proc.returncode != 0:
-            errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error: ")]
-            tail = errors[:1] or (proc.stderr or proc.stdout).strip().splitlines()[-6:]
-            raise ArchipelagoError(f"torchrun generate failed (exit {proc.returncode}): " + " | ".join(tail))
+        run_torchrun("archipelago.inference",
+                     ["--spec-json", spec.model_copy(update={"out": out}).model_dump_json(),
+                      "--parallel-json", pcfg.model_dump_json(), "--stats", stats],
+                     pcfg.world_size, timeout_s, "generate")
         return read_samples(out), storage.read_json(stats)["ranks"]

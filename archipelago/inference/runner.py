@@ -8,26 +8,23 @@ from __future__ import annotations
 
 import functools
 import itertools
-import os
-import resource
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import timedelta
 from typing import Any, Literal
 
 import torch
-import torch.distributed as dist
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from archipelago.errors import ArchipelagoError, ConfigError
-from archipelago.experts.train import _exit as rank_exit  # noqa: F401 - torchrun ranks exit the same way
+from archipelago.errors import ConfigError
 from archipelago.experts.sampling import SAMPLERS, euler_step, guided_velocity, heun_step, timesteps
 from archipelago.inference.comm import Comm
 from archipelago.inference.config import Mode, ParallelConfig, experts_for_rank
+from archipelago.inference.measure import PeakMemory, param_bytes
 from archipelago.inference.parallelize import StepAware, parallelize_expert_shard, parallelize_for_inference
 from archipelago.inference.progress import StepFile
+from archipelago.inference.rank import process_group, rank_device
 
 
 class SamplingSpec(BaseModel):
@@ -120,51 +117,6 @@ def make_inputs(spec: SamplingSpec, shape: tuple[int, ...],
 
 
 # ----------------------------------------------------------------------------------------------------
-# Process group and device
-# ----------------------------------------------------------------------------------------------------
-
-def _device(spec: SamplingSpec) -> torch.device:
-    if spec.device == "cpu" or (spec.device == "auto" and not torch.cuda.is_available()):
-        return torch.device("cpu")
-    if not torch.cuda.is_available():
-        raise ConfigError("device=cuda but torch sees no GPU")
-    local = int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count()
-    torch.cuda.set_device(local)
-    return torch.device("cuda", local)
-
-
-def init_process_group(rank: int, world_size: int, init_method: str | None, device: torch.device,
-                       timeout_s: float = 300) -> None:
-    """gloo on CPU, nccl on GPU; init_method None reads MASTER_ADDR/PORT (torchrun's env://)."""
-    backend = "nccl" if device.type == "cuda" else "gloo"
-    dist.init_process_group(backend, init_method=init_method or "env://", rank=rank, world_size=world_size,
-                            timeout=timedelta(seconds=timeout_s))
-
-
-def close_group(ok: bool) -> None:
-    """End a parallel run's process group. The modes have already waited on every async handle (DistriFusion's
-    last K/V exchange, DualParal's in-flight sends); on success a barrier then makes sure no rank destroys
-    the group while a peer still talks to it (gloo aborts the process then: "terminate called without an
-    active exception"). After a failure there is no barrier (a dead peer never arrives): destroy only."""
-    if not dist.is_initialized():
-        return
-    if ok and dist.get_world_size() > 1:
-        dist.barrier()
-    dist.destroy_process_group()
-
-
-def rank_error_line(exc: BaseException) -> str:
-    """`error: rank R: <why>`: every failing rank names itself and its own cause (not only torchrun's summary)."""
-    from archipelago.errors import failure_line
-
-    from archipelago.storage import redact
-
-    if isinstance(exc, ArchipelagoError):     # our own line already names the culprit (same on every rank)
-        return f"error: {redact(str(exc))}"
-    return f"error: rank {os.environ.get('RANK', '0')}: {failure_line(exc)}"
-
-
-# ----------------------------------------------------------------------------------------------------
 # Models: only what this rank runs
 # ----------------------------------------------------------------------------------------------------
 
@@ -195,7 +147,7 @@ def build_model_fn(spec: SamplingSpec, pcfg: ParallelConfig, comm: Comm, device:
     if len(spec.experts) == 1 and spec.router is None:
         model = _load_expert(spec.experts[0], spec, device)
         shape = (model.in_channels, model.input_size, model.input_size)
-        return parallelize_for_inference(model, pcfg, comm), shape, model.num_classes, _param_bytes(model)
+        return parallelize_for_inference(model, pcfg, comm), shape, model.num_classes, param_bytes(model)
     from archipelago.ensemble import Ensemble
     from archipelago.router import load_router
 
@@ -209,7 +161,7 @@ def build_model_fn(spec: SamplingSpec, pcfg: ParallelConfig, comm: Comm, device:
     local = {k: _load_expert(spec.experts[k], spec, device) for k in mine}
     first = local[mine[0]]
     shape = (first.in_channels, first.input_size, first.input_size)
-    held = sum(_param_bytes(m) for m in [router, *local.values()])
+    held = sum(param_bytes(m) for m in [router, *local.values()])
     experts = [local[k] if k in local else RemoteExpert(k, first.num_classes)
                for k in range(len(spec.experts))]
     ensemble = Ensemble(experts, router, class_counts=spec.class_counts).eval()
@@ -243,41 +195,6 @@ def check_patch_rows(spec: SamplingSpec, pcfg: ParallelConfig) -> None:
                           f"patch degree (the world size of a patch mode) in {fits}")
 
 
-def _param_bytes(m: nn.Module) -> int:
-    return sum(p.numel() * p.element_size() for p in m.parameters())
-
-
-# ----------------------------------------------------------------------------------------------------
-# Measurement
-# ----------------------------------------------------------------------------------------------------
-
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def _reset_peak_rss() -> bool:
-    """Reset the kernel's high-water mark of this process's RSS (Linux >= 4.0); False if not possible."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _peak_rss_bytes() -> int:
-    """VmHWM (peak RSS since start or the last reset), falling back to ru_maxrss."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024   # Linux reports KiB
-
-
 # ----------------------------------------------------------------------------------------------------
 # The per-rank entry point
 # ----------------------------------------------------------------------------------------------------
@@ -294,14 +211,9 @@ def run_parallel_sampling(spec: SamplingSpec, pcfg: ParallelConfig, rank: int | 
     """
     spec = SamplingSpec.model_validate(spec)
     pcfg = ParallelConfig.model_validate(pcfg)
-    device = _device(spec)
+    device = rank_device(spec.device)
     check_patch_rows(spec, pcfg)
-    owns_group, ok = False, False
-    if pcfg.world_size > 1 and not dist.is_initialized():
-        rank = int(os.environ["RANK"]) if rank is None else rank
-        init_process_group(rank, pcfg.world_size, init_method, device)
-        owns_group = True
-    try:
+    with process_group(pcfg.world_size, rank, init_method, device):
         comm = Comm(device)
         if comm.world_size != pcfg.world_size:
             raise ConfigError(f"{pcfg.describe()} but the process group has {comm.world_size} ranks")
@@ -320,33 +232,25 @@ def run_parallel_sampling(spec: SamplingSpec, pcfg: ParallelConfig, rank: int | 
         for _ in range(warmup_runs):
             run()
         latency, cpu_s = float("inf"), float("inf")
+        mem = PeakMemory(device)
         for _ in range(max(timed_runs, 1)):
             comm.reset_stats()
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
             comm.barrier()
-            rss0 = _rss_bytes()
-            _reset_peak_rss()
+            mem.start()
             t0, c0 = time.perf_counter(), time.process_time()
             samples = run()
             comm.sync()
             comm.barrier()
             latency = min(latency, time.perf_counter() - t0)
             cpu_s = min(cpu_s, time.process_time() - c0)
-        peak_rss = _peak_rss_bytes()
-        peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda" else max(peak_rss - rss0, 0))
         result = SamplingResult(rank=comm.rank, world_size=comm.world_size, samples=samples.cpu(),
-                                latency_s=latency, peak_mem_bytes=int(peak), param_bytes=held, cpu_s=cpu_s,
-                                peak_rss_bytes=int(peak_rss),
+                                latency_s=latency, peak_mem_bytes=mem.added(), param_bytes=held, cpu_s=cpu_s,
+                                peak_rss_bytes=mem.peak_rss(),
                                 comm=comm.stats.as_dict(), describe=pcfg.describe())
         if comm.rank == 0 and spec.out:
             write_samples(result.samples, spec.out)
         comm.barrier()
-        ok = True
         return result
-    finally:
-        if owns_group:
-            close_group(ok)
 
 
 def write_samples(samples: torch.Tensor, url: str) -> str:

@@ -1,5 +1,5 @@
-"""Long-video generation with DualParal: the per-rank entry point and its three launchers (torchrun, Ray
-actors, local spawn), plus `generate_video`, which `archipelago generate-video` calls.
+"""Long-video generation with DualParal: the per-rank entry point, run by the launchers image sampling uses
+(torchrun, Ray actors, local spawn), plus `generate_video`, which `archipelago generate-video` calls.
 
     # one process (the single-device reference of the same block-wise schedule):
     archipelago generate-video --expert CKPT --frames 256 --block 8 --num-cat 2 --steps 16 --out video.gif
@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import traceback
@@ -39,21 +38,20 @@ from archipelago.inference.dualparal import (
     keep_only_stage,
     stage_layers,
 )
+from archipelago.inference.launch import LAUNCHERS
 from archipelago.inference.local import set_threads, spawn_ranks
+from archipelago.inference.measure import PeakMemory, param_bytes
 from archipelago.inference.progress import StepFile
-from archipelago.inference.ray_launcher import InferenceWorker, placement_strategy
-from archipelago.inference.runner import (
-    _device,
-    _peak_rss_bytes,
-    _reset_peak_rss,
-    _rss_bytes,
+from archipelago.inference.rank import (
     close_group,
     init_process_group,
+    process_group,
+    rank_device,
     rank_error_line,
     rank_exit,
 )
-
-LAUNCHERS: tuple[str, ...] = ("torchrun", "ray", "local")
+from archipelago.inference.ray_launcher import InferenceWorker, launch_actors, on_ray
+from archipelago.inference.torchrun import inside_torchrun, run_torchrun
 
 
 class VideoSpec(BaseModel):
@@ -151,21 +149,15 @@ def run_video_rank(spec: VideoSpec, rank: int | None = None, world_size: int | N
     torchrun's env (RANK, WORLD_SIZE, env://). An existing default process group is reused."""
     spec = VideoSpec.model_validate(spec)
     cfg = spec.dualparal()
-    device = _device(spec)
+    device = rank_device(spec.device)
     if world_size is None:
         world_size = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
-    world = world_size
-    owns_group, ok = False, False
-    if world > 1 and not dist.is_initialized():
-        rank = int(os.environ["RANK"]) if rank is None else rank
-        init_process_group(rank, world, init_method, device)
-        owns_group = True
-    try:
+    with process_group(world_size, rank, init_method, device):
         comm = Comm(device)
         model = _load_video_expert(spec, device)
         start, end = stage_layers(len(model.blocks), comm.world_size, comm.rank)
         keep_only_stage(model, start, end)
-        param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        held = param_bytes(model)
         y = torch.tensor(spec.labels, dtype=torch.long)
         if int(y.max()) >= model.num_classes or int(y.min()) < 0:
             raise ConfigError(f"labels {spec.labels}: the expert has classes 0..{model.num_classes - 1}")
@@ -173,21 +165,17 @@ def run_video_rank(spec: VideoSpec, rank: int | None = None, world_size: int | N
         probe = LiveTensorBytes() if spec.measure_tensors and device.type == "cpu" else None
 
         comm.barrier()
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
+        mem = PeakMemory(device)
+        mem.start()
         tensors0 = LiveTensorBytes.current() if probe is not None else 0
-        rss0 = _rss_bytes()
-        _reset_peak_rss()
         ticks = StepFile(spec.progress, cfg.num_iterations).tick if spec.progress and comm.rank == 0 else None
         video = pipeline.generate(y, collect=spec.collect, probe=probe, on_iteration=ticks)
         comm.barrier()
-        peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
-                else max(_peak_rss_bytes() - rss0, 0))
         st = pipeline.stats
         result = VideoResult(
             rank=comm.rank, world_size=comm.world_size, layers=(start, end), latency_s=st.latency_s,
-            wait_s=st.wait_s, peak_mem_bytes=int(peak),
-            peak_tensor_bytes=None if probe is None else max(probe.peak - tensors0, 0), param_bytes=param_bytes,
+            wait_s=st.wait_s, peak_mem_bytes=mem.added(),
+            peak_tensor_bytes=None if probe is None else max(probe.peak - tensors0, 0), param_bytes=held,
             slots=st.slots, bytes_per_iteration=st.bytes_per_iteration, comm=st.comm, video=video,
             describe=(f"dualparal world={comm.world_size} frames={cfg.num_frames} block={cfg.block_frames} "
                       f"num_cat={cfg.num_cat} steps={cfg.steps} blocks={cfg.num_blocks} "
@@ -199,11 +187,7 @@ def run_video_rank(spec: VideoSpec, rank: int | None = None, world_size: int | N
         if comm.rank == 0:
             write_outputs(spec, video, summaries)
         comm.barrier()
-        ok = True
         return result
-    finally:
-        if owns_group:
-            close_group(ok)
 
 
 def write_outputs(spec: VideoSpec, video: torch.Tensor | None, summaries: list[dict[str, Any]]) -> None:
@@ -247,7 +231,7 @@ def _local_worker(rank: int, init_method: str, world: int, specs: list[dict[str,
     set_threads(threads)
     try:
         if world > 1:
-            init_process_group(rank, world, init_method, _device(VideoSpec(**specs[0])))
+            init_process_group(rank, world, init_method, rank_device(VideoSpec(**specs[0]).device))
         results = []
         for spec in specs:                 # one process group for every run: startup paid once
             result = run_video_rank(VideoSpec(**spec), rank=rank, world_size=world, init_method=init_method)
@@ -295,39 +279,14 @@ class VideoWorker(InferenceWorker):
 
 
 def launch_ray_video(spec: VideoSpec, world_size: int, cpus_per_actor: float = 1.0, gpus_per_actor: float = 0.0,
-                     timeout_s: float = 600) -> list[VideoResult]:
-    """`world_size` Ray actors in a placement group form the ring; needs a connected Ray (ray.init)."""
-    import ray
-    from ray.util.placement_group import placement_group, remove_placement_group
-    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-
-    if not ray.is_initialized():
-        raise RuntimeError("launch_ray_video needs a running Ray: call ray.init(...) first")
-    nodes = [node for node in ray.nodes() if node.get("Alive")]
-    bundle: dict[str, float] = {"CPU": cpus_per_actor}
-    if gpus_per_actor:
-        bundle["GPU"] = gpus_per_actor
-    pg = placement_group([dict(bundle) for _ in range(world_size)],
-                         strategy=placement_strategy(len(nodes), world_size))
-    try:
-        ray.get(pg.ready(), timeout=timeout_s)
-        env = {"OMP_NUM_THREADS": str(max(int(cpus_per_actor), 1))}
-        actor_cls = ray.remote(VideoWorker)
-        actors = [actor_cls.options(
-            num_cpus=cpus_per_actor, num_gpus=gpus_per_actor,
-            scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=pg,
-                                                                 placement_group_bundle_index=i)).remote(env)
-                  for i in range(world_size)]
-        try:
-            ip, port = ray.get(actors[0].address.remote(), timeout=timeout_s)
-            refs = [a.run_video.remote(spec.model_dump(), r, world_size, f"tcp://{ip}:{port}")
-                    for r, a in enumerate(actors)]
-            results = ray.get(refs, timeout=timeout_s)
-        finally:
-            for a in actors:
-                ray.kill(a)
-    finally:
-        remove_placement_group(pg)
+                     timeout_s: float = 600, env: dict[str, str] | None = None) -> list[VideoResult]:
+    """`world_size` Ray actors in a placement group form the ring (`ray_launcher.launch_actors`, as image
+    sampling does); needs a connected Ray (ray.init)."""
+    results = launch_actors(VideoWorker, world_size,
+                            lambda a, rank, init_method: a.run_video.remote(spec.model_dump(), rank, world_size,
+                                                                            init_method),
+                            cpus_per_actor=cpus_per_actor, gpus_per_actor=gpus_per_actor, timeout_s=timeout_s,
+                            env=env)
     for r in results:
         if r.video is not None:
             r.video = torch.from_numpy(r.video.copy())   # Ray hands back read-only arrays
@@ -352,22 +311,16 @@ def generate_video(spec: VideoSpec, world_size: int = 1, launcher: str = "torchr
     if launcher == "local":
         return [r.summary() for r in launch_local(spec, world_size, timeout_s=timeout_s)]
     if launcher == "ray":
-        from archipelago.cluster.local import connect_ray
-
-        connect_ray(ray_address, hint="fix RAY_ADDRESS", include_dashboard=False, log_to_driver=False)
-        return [r.summary() for r in launch_ray_video(spec, world_size, timeout_s=timeout_s)]
-    if "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) == world_size:
+        results = on_ray(lambda env: launch_ray_video(spec, world_size, timeout_s=timeout_s, env=env),
+                         ray_address, hint="fix RAY_ADDRESS")
+        return [r.summary() for r in results]
+    if inside_torchrun(world_size):
         return [run_video_rank(spec).summary()]
     with tempfile.TemporaryDirectory(prefix="archipelago-video-") as tmp:
         stats = spec.stats or os.path.join(tmp, "stats.json")
         run_spec = spec.model_copy(update={"stats": stats})
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world_size}",
-               "-m", "archipelago.inference.video_cli", "--spec-json", run_spec.model_dump_json()]
-        env = {"OMP_NUM_THREADS": "1", **os.environ}
-        proc = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True, timeout=timeout_s)
-        if proc.returncode != 0:
-            tail = (proc.stderr or proc.stdout).strip().splitlines()[-12:]
-            raise ArchipelagoError(f"torchrun generate-video failed (exit {proc.returncode}): " + " | ".join(tail))
+        run_torchrun("archipelago.inference.video_cli", ["--spec-json", run_spec.model_dump_json()], world_size,
+                     timeout_s, "generate-video")
         from archipelago import storage
 
         return storage.read_json(stats)["ranks"]

@@ -103,11 +103,43 @@ class PipelineResult:
             lines.append(f"router: FAILED: {self.router.error}")
         return lines
 
+    def raise_if_failed(self) -> None:
+        """IslandsFailed naming what failed; what succeeded is kept, so the same command resumes the rest."""
+        if self.ok:
+            return
+        names = [r.name for r in self.failed] + (["router"] if self.router.status == "failed" else [])
+        raise IslandsFailed(f"{', '.join(names)} failed (see above; summary in {self.root}/pipeline.json); the "
+                            f"other islands are kept — fix the cause and re-run the same command to train only "
+                            f"what is missing")
+
+    def done_line(self, seconds: float) -> str:
+        """The last line of `archipelago train`: where the ensemble and grid are, the score, the MLflow run."""
+        fd = (self.eval or {}).get("feature_distance")
+        return (f"done in {seconds:.1f}s: ensemble {self.ensemble}, grid {self.grid}"
+                + (f", feature distance {fd:.3f}" if isinstance(fd, float) else "")
+                + (f", MLflow run {self.parent_run_id}" if self.parent_run_id else ""))
+
     def to_dict(self) -> dict[str, Any]:
         return {"root": self.root, "ok": self.ok, "islands": [r.to_dict() for r in self.islands],
                 "router": self.router.__dict__, "ensemble": self.ensemble, "grid": self.grid, "eval": self.eval,
                 "parent_run_id": self.parent_run_id, "registered_version": self.registered_version,
                 "stages": self.stages}
+
+
+def output_map(cfg: ArchipelagoConfig) -> list[tuple[str, str]]:
+    """(what, where) of every output a pipeline run writes under storage.root: the map `quickstart` prints."""
+    root = cfg.storage.root
+    lines = [("data shards + manifest", storage.join(root, "data")),
+             ("expert checkpoints", storage.join(root, "experts", "expert-<k>", "final")),
+             ("router", storage.join(root, "router")),
+             ("ensemble", storage.join(root, "ensemble.json")),
+             ("sample grids (PNG)", storage.join(root, "samples")),
+             ("evaluation", storage.join(root, "eval.json"))]
+    if cfg.tracking.enabled:
+        from archipelago.orchestration.tracking import resolve_tracking_uri
+
+        lines.append(("MLflow UI", f"mlflow ui --backend-store-uri {resolve_tracking_uri(cfg)}"))
+    return lines
 
 
 # ----------------------------------------------------------------------------------------------------

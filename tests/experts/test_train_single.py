@@ -294,7 +294,7 @@ def test_sharded_optimizer_files_that_would_run_code_are_refused(tmp_path):
     """FSDP2's DCP `.metadata` and DeepSpeed's `.pt` files are pickles; ours are read with allowlists."""
     import pickle
 
-    from archipelago.experts.parallelize import _SafeFileSystemReader, check_weights_only
+    from archipelago.experts.checkpoint import SafeFileSystemReader, check_weights_only
 
     marker = tmp_path / "pwned"
     _Payload.marker = str(marker)
@@ -302,7 +302,7 @@ def test_sharded_optimizer_files_that_would_run_code_are_refused(tmp_path):
     dcp_dir.mkdir()
     (dcp_dir / ".metadata").write_bytes(pickle.dumps(_Payload()))
     with pytest.raises(CheckpointError, match=r"\.metadata: refused to load"):
-        _SafeFileSystemReader(str(dcp_dir)).read_metadata()
+        SafeFileSystemReader(str(dcp_dir)).read_metadata()
     torch.save({"optimizer": _Payload()}, tmp_path / "zero_pp_rank_0_mp_rank_00_optim_states.pt")
     with pytest.raises(CheckpointError, match=r"optim_states\.pt: refused to load"):
         check_weights_only(tmp_path / "zero_pp_rank_0_mp_rank_00_optim_states.pt")

@@ -29,6 +29,6 @@ def save_expert(model: nn.Module, url: str) -> str:
 
 
 def psnr(x: torch.Tensor, ref: torch.Tensor) -> float:
-    from archipelago.inference.quality import psnr as _psnr
+    from archipelago.eval.fidelity import psnr as _psnr
 
     return _psnr(x, ref)

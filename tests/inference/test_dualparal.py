@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from archipelago import storage
+from archipelago.eval.video import boundary_consistency
 from archipelago.experts.checkpoint import save_for_inference
 from archipelago.experts.sampling import sample
 from archipelago.experts.video_dit import VideoDiT
@@ -19,7 +20,6 @@ from archipelago.inference.dualparal import (
     DualParal,
     DualParalConfig,
     block_noise,
-    boundary_consistency,
     install_twins,
     naive_blockwise,
     noise_template,

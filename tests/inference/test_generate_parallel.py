@@ -14,10 +14,10 @@ import torch
 from safetensors.torch import load_file
 
 from archipelago.config import load_config
+from archipelago.eval.fidelity import psnr
 from archipelago.inference.config import ParallelConfig
 from archipelago.inference.launch import sampling_spec
 from archipelago.inference.local import launch_local
-from archipelago.inference.quality import psnr
 
 pytestmark = pytest.mark.e2e
 REPO = Path(__file__).resolve().parents[2]

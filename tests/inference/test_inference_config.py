@@ -5,12 +5,12 @@ import pytest
 import torch
 
 from archipelago.errors import ConfigError
+from archipelago.eval.fidelity import psnr
 from archipelago.experts.sampling import sample
 from archipelago.inference.comm import Comm, Group
 from archipelago.inference.config import Mode, ParallelConfig, experts_for_rank
 from archipelago.inference.parallelize import parallelize_for_inference, topk_weights
 from archipelago.inference.patch import PatchContext, PatchParallelDiT
-from archipelago.inference.quality import psnr
 from archipelago.inference.runner import parallel_sample
 
 from .conftest import tiny_dit

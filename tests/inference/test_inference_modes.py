@@ -6,11 +6,11 @@ import itertools
 import pytest
 import torch
 
+from archipelago.eval.fidelity import psnr
 from archipelago.experts.dit import DiT, modulate
 from archipelago.experts.sampling import euler_step, timesteps
 from archipelago.inference.config import ParallelConfig
 from archipelago.inference.local import launch_local
-from archipelago.inference.quality import psnr
 from archipelago.inference.runner import SamplingSpec, make_inputs, run_parallel_sampling
 
 from .conftest import randomize, save_expert, tiny_dit
