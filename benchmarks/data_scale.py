@@ -115,7 +115,8 @@ def child_prepare(spec: dict[str, Any]) -> dict[str, Any]:
     t0 = time.perf_counter()
     m = prepare_data(DataConfig(**spec["data"]), spec["out"], progress=False)
     return {"wall_s": time.perf_counter() - t0, "peak_rss_mib": _rss_mib(), "rss_after_imports_mib": rss0,
-            "num_samples": m.num_samples, "counts": m.counts, "purity": m.purity,
+            "num_samples": m.num_samples, "held_out": m.holdout.count if m.holdout else 0, "counts": m.counts,
+            "purity": m.purity,
             "chunks_per_shard": [len(s.chunks or []) for s in m.shards], "latent_shape": m.image_shape}
 
 

@@ -26,7 +26,9 @@ def test_data_scale_quick_reports_memory_and_throughput(tmp_path):
     assert report["machine"]["cpu_count"] and report["sizes"] == [120, 600]
     for n in ("120", "600"):
         run = report["runs"][n]
-        assert run["prepare"]["num_samples"] == int(n) and run["prepare"]["latent_shape"] == [4, 8, 8]
+        prep = run["prepare"]     # the held-out split (data.holdout_fraction 0.1) is in no shard
+        assert prep["num_samples"] + prep["held_out"] == int(n) and prep["held_out"] == int(n) // 10
+        assert prep["latent_shape"] == [4, 8, 8]
         assert set(run["island"]) == {"memory/local", "stream/local", "memory/s3", "stream/s3"}
         assert all(v["samples_per_s"] > 0 for v in run["island"].values())
     s = report["summary"]
