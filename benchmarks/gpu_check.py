@@ -73,16 +73,18 @@ def setup(dry_run: bool) -> dict[str, Any]:
     wheels = sorted((REPO / ".whl").glob("*.whl"))
     if wheels:   # pure-Python dependencies carried from a machine with a registry (docs/benchmarks.md)
         r = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps",
-                            *map(str, wheels)], capture_output=True, text=True)
+                            *map(str, wheels)], check=False, capture_output=True, text=True)
         out["wheels"] = {"count": len(wheels), "rc": r.returncode, "stderr": r.stderr[-2000:]}
     try:
         importlib.import_module("archipelago")
     except ImportError:
         # --no-deps: pip must not try to fetch anything (there is no network) nor touch the CUDA torch.
         r = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
-                            "-e", str(REPO)], capture_output=True, text=True)
+                            "-e", str(REPO)], check=False, capture_output=True, text=True)
         out["install"] = {"rc": r.returncode, "stderr": r.stderr[-2000:]}
+        # An install that failed (no build backend there) still works from the checkout, here and in workers.
         sys.path.insert(0, str(REPO))
+        os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
     missing = []
     for mod in ("pydantic", "yaml", "safetensors", "fsspec", "sklearn", "deepspeed", "typer", "rich", "PIL"):
         try:
@@ -93,6 +95,28 @@ def setup(dry_run: bool) -> dict[str, Any]:
     if missing:
         log(f"missing modules (parts that need them will fail and say so): {missing}")
     return out
+
+
+# Imported on the training/sampling path but absent from the GPU image (/work/.library/device/KINDS.md): they
+# travel as wheels. DeepSpeed publishes only an sdist: it is built here into a pure-Python wheel.
+DEVICE_WHEELS = ["pydantic", "pydantic-core", "annotated-types", "typing-inspection", "hjson"]
+
+
+def download_wheels(dest: Path) -> int:
+    """Fill `dest` (.whl/) with the wheels the GPU machine lacks, for Python 3.12 on x86-64 (its image)."""
+    from importlib.metadata import version
+
+    dest.mkdir(exist_ok=True)
+    plat = [a for p in ("manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64")
+            for a in ("--platform", p)]
+    pins = [f"{name}=={version(name)}" for name in DEVICE_WHEELS]
+    rc = subprocess.call([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+                          "--python-version", "3.12", "--implementation", "cp", *plat, "-d", str(dest), *pins])
+    env = {**os.environ, "DS_BUILD_OPS": "0"}
+    rc |= subprocess.call([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w",
+                           str(dest), f"deepspeed=={version('deepspeed')}"], env=env)
+    print(f"wheels in {dest}: {sorted(p.name for p in dest.glob('*.whl'))}")
+    return rc
 
 
 def env_info() -> dict[str, Any]:
@@ -110,7 +134,7 @@ def env_info() -> dict[str, Any]:
                     nccl=".".join(map(str, torch.cuda.nccl.version())) if hasattr(torch.cuda, "nccl") else None)
         try:
             r = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                               capture_output=True, text=True, timeout=20)
+                               check=False, capture_output=True, text=True, timeout=20)
             info["driver"] = r.stdout.strip() or r.stderr.strip()[-200:]
         except (OSError, subprocess.TimeoutExpired) as exc:
             info["driver"] = f"unknown ({exc})"
@@ -231,7 +255,8 @@ def part_train(args: argparse.Namespace, deadline: float, work: Path) -> dict[st
         try:
             env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK",
                                                                  "MASTER_ADDR", "MASTER_PORT")}
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=min(left, 240), env=env)
+            proc = subprocess.run(cmd, check=False, capture_output=True, text=True,
+                                  timeout=min(left, 240), env=env)
             if proc.returncode == 0 and result.exists():
                 runs.append({"name": name, **json.loads(result.read_text())})
             else:
@@ -305,7 +330,7 @@ def part_ddm(args: argparse.Namespace, deadline: float, work: Path, out_dir: Pat
         cmd.append("--quick")
     log(f"ddm: {' '.join(cmd[1:])} (time box {left:.0f}s)")
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=left - 10)
+        proc = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=left - 10)
     except subprocess.TimeoutExpired:
         return {"cmd": cmd[1:], "error": f"time box of {left - 10:.0f}s reached"}
     out: dict[str, Any] = {"cmd": cmd[1:], "rc": proc.returncode, "stderr": proc.stderr[-2000:]}
@@ -330,6 +355,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--parts", nargs="+", default=["train", "sampling"], choices=["train", "sampling", "ddm"])
     ap.add_argument("--ddm", action="store_true", help="Also run the DDM curve stage (time-boxed).")
     ap.add_argument("--ddm-budget", type=float, default=16.0, help="Budget multiple of the DDM curve point.")
+    ap.add_argument("--download-wheels", action="store_true", help="Here, with a registry: put the wheels the "
+                    "GPU image lacks into .whl/ (carry it to the device run), then exit.")
     # --worker train (internal: one training run per process)
     ap.add_argument("--worker", choices=["train"], help=argparse.SUPPRESS)
     for flag in ("--strategy", "--precision", "--data", "--work", "--result"):
@@ -340,6 +367,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker == "train":
         train_worker(args)
         return 0
+    if args.download_wheels:
+        return download_wheels(REPO / ".whl")
 
     t_start = time.monotonic()
     deadline = t_start + args.deadline_s
