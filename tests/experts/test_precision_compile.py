@@ -76,6 +76,21 @@ def test_deepspeed_carries_bf16_in_its_torch_autocast_section():
     assert deepspeed_config(tiny_cfg().expert, 1)["torch_autocast"]["enabled"] is False
 
 
+def test_switches_come_from_set_and_reach_mlflow_params():
+    from archipelago.config import load_config
+    from archipelago.orchestration.tracking import flatten
+
+    cfg = load_config(None, ["expert.precision=bf16", "expert.compile=true"])
+    assert (cfg.expert.precision, cfg.expert.compile) == ("bf16", True)
+    params = flatten(cfg.model_dump(mode="json"))        # what the parent MLflow run logs
+    assert params["expert.precision"] == "bf16" and params["expert.compile"] == "true"
+    defaults = load_config(None, [])
+    assert (defaults.expert.precision, defaults.expert.compile) == ("fp32", False)   # laptop-safe
+    with pytest.raises(ConfigError, match=r"expert\.precision") as exc:
+        load_config(None, ["expert.precision=fp16"])
+    assert "\n" not in str(exc.value)
+
+
 def test_bf16_on_a_gpu_without_it_is_one_line(monkeypatch):
     from archipelago.experts import precision
 
