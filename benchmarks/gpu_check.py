@@ -232,7 +232,9 @@ def part_train(args: argparse.Namespace, deadline: float, work: Path) -> dict[st
     data = work / "data"
     prepare_data(DataConfig(image_size=size["image_size"], num_clusters=1, holdout_fraction=0.0), str(data),
                  progress=False)
-    arms = [(s, z, "fp32", 0) for s, z in STRATEGIES] + [("single", None, "bf16", 0), ("single", None, "bf16", 1),
+    # deepspeed bf16: the Linear dtypes show whether its torch_autocast section really carried bf16 on CUDA
+    arms = [(s, z, "fp32", 0) for s, z in STRATEGIES] + [("single", None, "bf16", 0), ("deepspeed", 2, "bf16", 0),
+                                                        ("single", None, "bf16", 1),
                                                         ("fsdp2", None, "bf16", 1)]   # compiled blocks, sharded
     if args.dry_run and not args.dry_run_compile:
         arms = [a for a in arms if not a[3]]   # inductor on 2 CPU cores takes minutes; the GPU run compiles

@@ -38,7 +38,7 @@ def test_dry_run_runs_every_strategy_and_sampling_row(tmp_path):
     assert not [p for p in parts.values() if "error" in p], parts
     runs = {r["name"]: r for r in parts["train"]["runs"]}
     assert set(runs) == {"single-fp32", "ddp-fp32", "fsdp2-fp32", "deepspeed-zero1-fp32", "deepspeed-zero2-fp32",
-                         "deepspeed-zero3-fp32", "single-bf16"}
+                         "deepspeed-zero3-fp32", "single-bf16", "deepspeed-zero2-bf16"}
     for name, r in runs.items():
         assert "error" not in r and "skipped" not in r, r
         assert r["reloaded"] and r["loss_falls"] and r["step_time_s_median"] > 0 and r["achieved_tflops"] > 0
