@@ -229,6 +229,7 @@ def generate_cmd(
 
     Settings come from the config tree (`inference:`, and the sampler fields of `expert:`); each flag
     overrides its field (shown in brackets) exactly like `--set field=value`.
+    `--set expert.compile=true` torch.compiles the experts (and router) first: slower start, faster steps.
 
     Example: archipelago generate --ensemble runs/quickstart/ensemble.json --mode top-1 --n 64 --cfg 2.0
     --seed 0 --steps 32 --out grid.png --save-tensor samples.safetensors

@@ -114,7 +114,11 @@ class ExpertConfig(_Section):
     lr_min_ratio: float = Field(0.1, ge=0, le=1, description="Final LR as a fraction of lr.")
     grad_clip: float = Field(1.0, ge=0, description="Max grad norm (0 disables clipping).")
     ema_decay: float = Field(0.999, ge=0, lt=1, description="EMA decay of the weights used for sampling.")
-    precision: Literal["fp32", "bf16"] = Field("fp32", description="Autocast dtype where the device allows.")
+    precision: Literal["fp32", "bf16"] = Field(
+        "fp32", description="fp32 | bf16: bf16 autocast of forward and loss in every strategy (FSDP2 also "
+        "all-gathers bf16 weights); weights, optimizer state and EMA stay fp32. A GPU without bf16 is an error.")
+    compile: bool = Field(False, description="torch.compile the expert (training; and sampling in `generate`). "
+                          "Slow first steps; on CPU it needs a C compiler.")
     checkpoint_every: int = Field(100, ge=1, description="Steps between periodic checkpoints.")
     keep_checkpoints: int = Field(2, ge=1, description="Periodic checkpoints kept (the final one always is).")
     log_every: int = Field(10, ge=1, description="Steps between metric reports.")

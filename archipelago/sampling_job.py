@@ -65,7 +65,8 @@ def _meta(cfg: ArchipelagoConfig, req: GenerateRequest) -> dict[str, object]:
     """The samples file's metadata (both paths)."""
     e = cfg.expert
     return {"source": req.source, "mode": cfg.inference.routing if req.is_ensemble else None,
-            "cfg_scale": e.cfg_scale, "seed": cfg.inference.seed, "steps": e.sample_steps, "sampler": e.sampler}
+            "cfg_scale": e.cfg_scale, "seed": cfg.inference.seed, "steps": e.sample_steps, "sampler": e.sampler,
+            "compile": e.compile}
 
 
 def _single(cfg: ArchipelagoConfig, req: GenerateRequest, echo: Callable[[str], None]) -> None:
@@ -81,6 +82,10 @@ def _single(cfg: ArchipelagoConfig, req: GenerateRequest, echo: Callable[[str], 
     inf, e = cfg.inference, cfg.expert
     t0 = time.perf_counter()
     model = load_sampler_model(req.source, mode=inf.routing, device=req.device)
+    if e.compile:
+        from archipelago.experts.precision import compile_for_sampling
+
+        compile_for_sampling(model)
     codec = decoder_for(getattr(model, "data_space", None), req.source, vae_path=req.vae)   # before sampling
     labels = default_classes(inf.num_samples, model.num_classes)
     x = generate(model, inf.num_samples, cfg_scale=e.cfg_scale, seed=inf.seed, steps=e.sample_steps,
@@ -108,7 +113,7 @@ def _parallel(cfg: ArchipelagoConfig, req: GenerateRequest, echo: Callable[[str]
     pcfg = ParallelConfig.from_inference(inf)
     spec = sampling_spec(req.source, routing=inf.routing, n=inf.num_samples, cfg_scale=e.cfg_scale, seed=inf.seed,
                          steps=e.sample_steps, sampler=e.sampler,
-                         device="cuda" if req.device.startswith("cuda") else "cpu")
+                         device="cuda" if req.device.startswith("cuda") else "cpu", compile=e.compile)
     t0 = time.perf_counter()
     if req.pin is not None and (inf.launcher != "ray" or len(req.pin) != inf.world_size):
         raise ConfigError(f"generate: --pin needs --launcher ray and one resource per rank ({inf.world_size}), "

@@ -31,6 +31,7 @@ from archipelago.experts.checkpoint import (
     read_optimizer_state,
     write_optimizer_state,
 )
+from archipelago.experts.precision import check_precision, compile_module
 
 log = logging.getLogger(__name__)
 
@@ -268,7 +269,10 @@ def apply_strategy(model: nn.Module, cfg: ExpertConfig, device: torch.device | s
         raise ConfigError(f"field 'expert.strategy': {strategy!r} needs torch.distributed; launch with torchrun "
                           f"or Ray Train, or use strategy=single")
     micro_batch_size(cfg, world_size)  # validate the batch split up front
+    check_precision(cfg.precision, device)
     model.to(device)
+    if cfg.compile and strategy != "fsdp2":    # fsdp2 compiles per block, before sharding (below)
+        compile_module(model)
 
     if strategy == "single":
         wrapped: Wrapped = Wrapped(model, model, make_optimizer(model.parameters(), cfg), cfg, device)
@@ -280,17 +284,24 @@ def apply_strategy(model: nn.Module, cfg: ExpertConfig, device: torch.device | s
         wrapped = _DDPWrapped(model, ddp, make_optimizer(model.parameters(), cfg), cfg, device)
     elif strategy == "fsdp2":
         from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         # With gloo the mesh and the model must stay on CPU (moving to CUDA under gloo segfaults).
         mesh = init_device_mesh(device.type, (world_size,))
+        # bf16: all-gather and compute in bf16, reduce gradients in fp32; the sharded master weights stay fp32.
+        mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+              if cfg.precision == "bf16" else MixedPrecisionPolicy())
         for block in getattr(model, "blocks", []):
-            fully_shard(block, mesh=mesh)
-        fully_shard(model, mesh=mesh)
+            if cfg.compile:
+                compile_module(block)                 # torchtitan's order: compile each block, then shard it
+            fully_shard(block, mesh=mesh, mp_policy=mp)
+        fully_shard(model, mesh=mesh, mp_policy=mp)
         wrapped = _FSDP2Wrapped(model, model, make_optimizer(model.parameters(), cfg), cfg, device)
     elif strategy == "deepspeed":
         if device.type == "cpu":
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        if world_size == 1:   # our own one-rank group (in-process run): DeepSpeed insists on a LOCAL_RANK
+            os.environ.setdefault("LOCAL_RANK", "0")
         import deepspeed
 
         engine, _, _, _ = deepspeed.initialize(
@@ -315,9 +326,12 @@ def deepspeed_config(cfg: ExpertConfig, world_size: int) -> dict[str, Any]:
         "zero_optimization": {"stage": cfg.zero_stage},
         # Our AdamW is torch's; DeepSpeed only vouches for its own fused optimizers (which need compiled ops).
         "zero_allow_untested_optimizer": True,
-        # Precision is torch.autocast around the forward (same as the other strategies); master weights fp32.
+        # bf16 is autocast, as in the other strategies: DeepSpeed's own `bf16` mode would cast the module's
+        # weights, so the EMA and checkpoints would read rounded weights. Its engine turns an outer autocast
+        # *off* inside forward unless `torch_autocast` is enabled, so that section carries the precision.
         "fp16": {"enabled": False},
         "bf16": {"enabled": False},
+        "torch_autocast": {"enabled": cfg.precision == "bf16", "dtype": "bfloat16"},
         # Each node writes its own files; nothing assumes a shared filesystem (we upload through storage).
         "checkpoint": {"use_node_local_storage": True},
         "steps_per_print": 1 << 30,

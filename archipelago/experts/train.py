@@ -38,6 +38,7 @@ from archipelago.errors import (PREEMPTED_EXIT, ArchipelagoError, CheckpointErro
 from archipelago.experts import checkpoint as ckpt
 from archipelago.experts.callbacks import JsonlMetricsCallback, RichProgressCallback, TrainCallback
 from archipelago.experts.parallelize import apply_strategy, micro_batch_size, world
+from archipelago.experts.precision import autocast, check_precision
 from archipelago.experts.reliability import NonFiniteGuard, PreemptionHandler, agree, params_finite
 from archipelago.lease import RunLease
 
@@ -118,16 +119,6 @@ def setup_distributed(strategy: str = "single") -> tuple[bool, torch.device]:
     return created, device
 
 
-def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    """bf16 autocast where the device supports it (CPU always; CUDA if the GPU has bf16), else fp32."""
-    if precision != "bf16":
-        return contextlib.nullcontext()
-    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        log.warning("precision=bf16 requested but %s has no bf16; training in fp32", device)
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-
-
 def rng_state(noise: torch.Generator) -> dict[str, torch.Tensor]:
     out = {"torch": torch.get_rng_state(), "noise": noise.get_state()}
     if torch.cuda.is_available():
@@ -192,6 +183,7 @@ def train_expert(cfg: ArchipelagoConfig, shard: int, data_url: str, out_url: str
         if ecfg.strategy == "single" and world_size > 1:
             raise ConfigError(f"field 'expert.strategy': 'single' cannot use {world_size} ranks; choose ddp, "
                               f"fsdp2 or deepspeed")
+        check_precision(ecfg.precision, device)   # before any data is read
         rank_seed = ecfg.seed * world_size + rank
         callbacks = [JsonlMetricsCallback(storage.join(out_url, "metrics.jsonl")), *callbacks]
 

@@ -64,11 +64,11 @@ class AsyncGather:
         self._comm, self._work, self._out, self._layer_type = comm, work, out, layer_type
 
     def wait(self) -> list[torch.Tensor]:
+        """Order this stream after the gather (no host sync on a GPU) and return its tensors."""
         if self._work is not None:
-            t0 = time.perf_counter()
+            token = self._comm._clock()
             self._work.wait()
-            self._comm._sync()
-            self._comm.stats.by_type[self._layer_type].seconds += time.perf_counter() - t0
+            self._comm._time(self._layer_type, token)
             self._work = None
         return self._out
 
@@ -87,7 +87,8 @@ class Comm:
         self.rank = dist.get_rank() if self.distributed else 0
         self.world_size = dist.get_world_size() if self.distributed else 1
         self.step = 0
-        self.stats = CommStats()
+        self._stats = CommStats()
+        self._pending: list[tuple[str, Any, Any]] = []   # CUDA (layer_type, start, end) events not yet read
         self.world = Group(list(range(self.world_size)), self.rank,
                            dist.group.WORLD if self.distributed else None)
 
@@ -115,22 +116,45 @@ class Comm:
 
     # --- accounting ---
     def sync(self) -> None:
-        """Wait for the device (timings are taken between syncs; a no-op on CPU)."""
+        """Wait for the device: once around a whole timed run, never inside a collective (a no-op on CPU)."""
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    _sync = sync
+    @property
+    def stats(self) -> CommStats:
+        """The counters; reading them resolves pending CUDA timings (the only place that waits on events)."""
+        for layer_type, start, end in self._pending:
+            end.synchronize()
+            self._stats.by_type[layer_type].seconds += start.elapsed_time(end) / 1000.0
+        self._pending.clear()
+        return self._stats
 
-    def _count(self, layer_type: str, nbytes: float, seconds: float = 0.0, is_async: bool = False) -> None:
-        c = self.stats.by_type[layer_type]
+    def _clock(self) -> Any:
+        """Start of a timed interval: a recorded CUDA event on a GPU, the wall clock on CPU."""
+        if self.device.type == "cuda":
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            return ev
+        return time.perf_counter()
+
+    def _time(self, layer_type: str, start: Any) -> None:
+        """Add the interval since `start` to `layer_type`'s seconds (on a GPU when `stats` is next read)."""
+        if self.device.type == "cuda":
+            end = torch.cuda.Event(enable_timing=True)
+            end.record()
+            self._pending.append((layer_type, start, end))
+        else:
+            self._stats.by_type[layer_type].seconds += time.perf_counter() - start
+
+    def _count(self, layer_type: str, nbytes: float, is_async: bool = False) -> None:
+        c = self._stats.by_type[layer_type]
         c.bytes += int(nbytes)
         c.calls += 1
         c.async_calls += int(is_async)
-        c.seconds += seconds
-        self.stats.by_step[self.step] += int(nbytes)
+        self._stats.by_step[self.step] += int(nbytes)
 
     def reset_stats(self) -> None:
-        self.stats = CommStats()
+        self._stats, self._pending = CommStats(), []
 
     # --- collectives ---
     def all_gather(self, tensor: torch.Tensor, group: Group, layer_type: str, dim: int = 0) -> torch.Tensor:
@@ -139,11 +163,10 @@ class Comm:
             return tensor
         tensor = tensor.contiguous()
         out = [torch.empty_like(tensor) for _ in range(group.size)]
-        self._sync()
-        t0 = time.perf_counter()
+        t0 = self._clock()
         dist.all_gather(out, tensor, group=group.pg)
-        self._sync()
-        self._count(layer_type, (group.size - 1) * _nbytes(tensor), time.perf_counter() - t0)
+        self._time(layer_type, t0)
+        self._count(layer_type, (group.size - 1) * _nbytes(tensor))
         return torch.cat(out, dim=dim)
 
     def all_gather_async(self, tensor: torch.Tensor, group: Group, layer_type: str) -> AsyncGather:
@@ -160,18 +183,17 @@ class Comm:
         """Blocking in-place sum over the group; returns `tensor`."""
         if group.size == 1:
             return tensor
-        self._sync()
-        t0 = time.perf_counter()
+        t0 = self._clock()
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group.pg)
-        self._sync()
-        self._count(layer_type, 2 * (group.size - 1) / group.size * _nbytes(tensor), time.perf_counter() - t0)
+        self._time(layer_type, t0)
+        self._count(layer_type, 2 * (group.size - 1) / group.size * _nbytes(tensor))
         return tensor
 
     def send(self, tensor: torch.Tensor, dst: int, layer_type: str) -> None:
-        self._sync()
-        t0 = time.perf_counter()
+        t0 = self._clock()
         dist.send(tensor.contiguous(), dst)
-        self._count(layer_type, _nbytes(tensor), time.perf_counter() - t0)
+        self._time(layer_type, t0)
+        self._count(layer_type, _nbytes(tensor))
 
     def isend(self, tensor: torch.Tensor, dst: int, layer_type: str) -> Any:
         """Non-blocking send; returns the torch Work (keep `tensor` alive and unchanged until done)."""
@@ -181,10 +203,9 @@ class Comm:
 
     def recv(self, tensor: torch.Tensor, src: int, layer_type: str) -> torch.Tensor:
         """Blocking receive into `tensor`; its bytes were counted by the sender, the wait is counted here."""
-        t0 = time.perf_counter()
-        dist.recv(tensor, src)
-        self._sync()
-        self.stats.by_type[layer_type].seconds += time.perf_counter() - t0
+        t0 = self._clock()
+        dist.recv(tensor, src)     # on NCCL stream-ordered: later kernels on this stream see the data
+        self._time(layer_type, t0)
         return tensor
 
     def barrier(self) -> None:

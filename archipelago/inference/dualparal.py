@@ -371,8 +371,8 @@ class DualParal:
     def _recv(self, shape: tuple[int, ...], dtype: torch.dtype, src: int, layer_type: str) -> torch.Tensor:
         buf = torch.empty(shape, dtype=dtype, device=self.device)
         t0 = time.perf_counter()
-        self.comm.recv(buf, src, layer_type)
-        self.stats.wait_s += time.perf_counter() - t0
+        self.comm.recv(buf, src, layer_type)   # no device sync: on NCCL later kernels are ordered after it
+        self.stats.wait_s += time.perf_counter() - t0   # host time blocked (what the pipeline waits on CPU)
         return buf
 
     def _flush_sends(self) -> None:
@@ -509,7 +509,7 @@ class DualParal:
             if self._blocks:
                 raise RuntimeError(f"dualparal: blocks {sorted(self._blocks)} unfinished after the schedule")
         self._flush_sends()
-        self.comm.sync()
+        self.comm.sync()                 # once per run, for the latency; never per layer
         self.stats.latency_s = time.perf_counter() - t_start
         self.stats.iterations = cfg.num_iterations
         self.stats.comm = self.comm.stats.as_dict()

@@ -47,7 +47,8 @@ def resolve_members(source: str) -> tuple[list[str], str | None, dict[str, Any],
 
 
 def sampling_spec(source: str, routing: str = "top-1", n: int = 16, cfg_scale: float = 1.0, seed: int = 0,
-                  steps: int = 32, sampler: str = "euler", device: str = "auto") -> SamplingSpec:
+                  steps: int = 32, sampler: str = "euler", device: str = "auto",
+                  compile: bool = False) -> SamplingSpec:
     """The SamplingSpec of `archipelago generate`: classes 0..C-1 repeated (as the single-device path)."""
     experts, router, record, class_counts = resolve_members(source)
     if record.get("class") not in (None, "DiT"):
@@ -56,7 +57,8 @@ def sampling_spec(source: str, routing: str = "top-1", n: int = 16, cfg_scale: f
     labels = [i % max(num_classes, 1) for i in range(n)]
     return SamplingSpec(experts=experts, router=router, routing=routing, class_counts=class_counts,
                         num_samples=n, labels=labels,
-                        seed=seed, steps=steps, sampler=sampler, cfg_scale=cfg_scale, device=device)
+                        seed=seed, steps=steps, sampler=sampler, cfg_scale=cfg_scale, device=device,
+                        compile=compile)
 
 
 def generate_parallel(spec: SamplingSpec, pcfg: ParallelConfig, launcher: str = "torchrun",

@@ -46,6 +46,8 @@ class SamplingSpec(BaseModel):
     cfg_scale: float = Field(1.0, ge=0, description="Classifier-free guidance scale (1: none).")
     ema: bool = Field(True, description="Load EMA weights (else the raw trained weights).")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda:LOCAL_RANK if available.")
+    compile: bool = Field(False, description="torch.compile each expert and the router (expert.compile) "
+                          "before the parallel twins are swapped in.")
     out: str | None = Field(None, description="Rank 0 writes the samples: *.png grid, else safetensors.")
     progress: str | None = Field(None, description="Local file where rank 0 counts its finished sampler steps "
                                  "(the launcher's progress bar; archipelago.inference.progress).")
@@ -124,6 +126,10 @@ def _load_expert(url: str, spec: SamplingSpec, device: torch.device) -> nn.Modul
     from archipelago.experts.checkpoint import load_expert
 
     model, _ = load_expert(url, ema=spec.ema, device=device)
+    if spec.compile:
+        from archipelago.experts.precision import compile_module
+
+        compile_module(model)
     return model
 
 
@@ -156,6 +162,10 @@ def build_model_fn(spec: SamplingSpec, pcfg: ParallelConfig, comm: Comm, device:
     if pcfg.mode not in (Mode.single, Mode.expert_parallel):
         raise ConfigError(f"an ensemble runs with mode=expert_parallel or single, not {pcfg.mode.value}")
     router, _ = load_router(spec.router, device=device)
+    if spec.compile:
+        from archipelago.experts.precision import compile_module
+
+        compile_module(router)
     degree = pcfg.expert_degree
     mine = experts_for_rank(len(spec.experts), degree, comm.rank % degree)
     local = {k: _load_expert(spec.experts[k], spec, device) for k in mine}
