@@ -125,8 +125,18 @@ def _router_job(raw: dict, data_url: str, out_url: str, device: str) -> dict[str
 
 
 def run_dir(work: Path, tag: str, c: ArchipelagoConfig) -> Path:
-    """One directory per trained thing *and config* (train_expert resumes whatever it finds there)."""
-    return work / f"{tag}-{c.config_hash()[:10]}"
+    """One directory per trained thing *and config* (train_expert resumes whatever it finds there).
+
+    Keyed by the sections that shape a trained model (data, expert, router, islands.flop_match), without
+    fields at their default: a new config field (which arrives at its default) or an edit elsewhere (tracking,
+    inference, storage) keeps every cached arm. A *changed default* of a field this script does not set is
+    not seen: move --work (or delete the cache) after such a change."""
+    key = {"data": c.data.model_dump(mode="json", exclude_defaults=True),
+           "expert": c.expert.model_dump(mode="json", exclude_defaults=True),
+           "router": c.router.model_dump(mode="json", exclude_defaults=True),
+           "flop_match": c.islands.flop_match}
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+    return work / f"{tag}-{digest[:10]}"
 
 
 # ----------------------------------------------------------------------------------------------------
