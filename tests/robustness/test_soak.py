@@ -164,6 +164,10 @@ def test_soak_pipeline_on_s3_with_random_sigkills(s3_env, tmp_path, record_prope
     from archipelago.experts.checkpoint import read_meta, verify_checkpoint
     from archipelago.lease import fenced_out
 
+    # Processes this pytest process already had (moto_server, multiprocessing's resource tracker started by an
+    # earlier test in the same session) are not this test's to clean up.
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
+
     rng = random.Random(20)
     bucket = s3_env[len("s3://"):]
     mlruns = tmp_path / "mlruns.db"
@@ -246,7 +250,8 @@ def test_soak_pipeline_on_s3_with_random_sigkills(s3_env, tmp_path, record_prope
 
     # ---- no orphans anywhere below this test; no MLflow run left RUNNING --------------------------------
     left = [p for p in psutil.Process().children(recursive=True)
-            if "moto_server" not in " ".join(p.cmdline()) and p.status() != psutil.STATUS_ZOMBIE]
+            if p.pid not in before and "moto_server" not in " ".join(p.cmdline())
+            and p.status() != psutil.STATUS_ZOMBIE]
     assert not left, [(p.pid, p.cmdline()[:3]) for p in left]
     client = MlflowClient(f"sqlite:///{mlruns}")
     runs = client.search_runs([client.get_experiment_by_name("soak").experiment_id], max_results=1000)
