@@ -50,36 +50,14 @@ class Record:
 # Sources, read lazily
 # ----------------------------------------------------------------------------------------------------
 
-def list_images_lazily(url: str) -> tuple[Any, list[str]]:
-    """(fs, sorted image paths) of a folder (walked one directory at a time, so listing a million files holds
-    one directory's details at once, not all of them) or a glob URL."""
-    from archipelago.data.sources import IMAGE_EXTENSIONS
-
-    fs, path = storage.filesystem(url)
-    try:
-        if any(ch in path for ch in "*?["):
-            found = [str(p) for p in fs.glob(path)]
-        elif fs.isdir(path):
-            found = []
-            for root, _, files in fs.walk(path, detail=False):
-                found.extend(f"{root.rstrip('/')}/{f}" for f in files if f.lower().endswith(IMAGE_EXTENSIONS))
-        elif fs.exists(path):
-            found = [path]
-        else:
-            found = []
-    except Exception as exc:  # noqa: BLE001 - backends raise anything; map to one line
-        raise DataError(storage.redact(f"{url}: cannot list images ({type(exc).__name__}: {exc})")) from None
-    return fs, sorted(p for p in found if p.lower().endswith(IMAGE_EXTENSIONS))
-
-
 class ImageFolderRecords:
     """Every image under a folder/glob URL; class = parent folder (sorted names), read a batch at a time."""
 
     def __init__(self, url: str):
-        from archipelago.data.sources import IMAGE_EXTENSIONS
+        from archipelago.data.sources import IMAGE_EXTENSIONS, list_images
 
         self.url = url
-        self.fs, self.files = list_images_lazily(url)
+        self.fs, self.files = list_images(url)
         if not self.files:
             raise DataError(f"{url}: no images found (looked for {', '.join(IMAGE_EXTENSIONS)}); check data.path")
         parents = [PurePosixPath(f).parent.as_posix() for f in self.files]

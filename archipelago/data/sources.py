@@ -66,22 +66,25 @@ def load_digits_source(image_size: int = 16) -> SourceData:
 # Image folder / glob over fsspec
 # ----------------------------------------------------------------------------------------------------
 
-def _list_images(url: str) -> tuple[fsspec.AbstractFileSystem, list[str]]:
-    """(fs, sorted image paths) for a folder URL (searched recursively) or a glob URL."""
+def list_images(url: str) -> tuple[fsspec.AbstractFileSystem, list[str]]:
+    """(fs, sorted image paths) of a folder (searched recursively, walked one directory at a time, so listing a
+    million files holds one directory's details at once, not all of them) or a glob URL. Both the in-memory
+    loader and the streamed preparation list images through here."""
     fs, path = storage.filesystem(url)
     try:
         if any(ch in path for ch in "*?["):
-            found = fs.glob(path)
+            found = [str(p) for p in fs.glob(path)]
         elif fs.isdir(path):
-            found = fs.find(path)
+            found = []
+            for root, _, files in fs.walk(path, detail=False):
+                found.extend(f"{root.rstrip('/')}/{f}" for f in files if f.lower().endswith(IMAGE_EXTENSIONS))
         elif fs.exists(path):
             found = [path]
         else:
             found = []
     except Exception as exc:  # noqa: BLE001 - backends raise anything; map to one line
         raise DataError(storage.redact(f"{url}: cannot list images ({type(exc).__name__}: {exc})")) from None
-    files = sorted(str(p) for p in found if str(p).lower().endswith(IMAGE_EXTENSIONS))
-    return fs, files
+    return fs, sorted(p for p in found if p.lower().endswith(IMAGE_EXTENSIONS))
 
 
 def load_image_folder(url: str, image_size: int = 16) -> SourceData:
@@ -94,7 +97,7 @@ def load_image_folder(url: str, image_size: int = 16) -> SourceData:
     """
     from PIL import Image, UnidentifiedImageError
 
-    fs, files = _list_images(url)
+    fs, files = list_images(url)
     if not files:
         raise DataError(f"{url}: no images found (looked for {', '.join(IMAGE_EXTENSIONS)}); "
                         "check data.path")
