@@ -144,6 +144,14 @@ def chunk_refs(data_url: str, info: ShardInfo) -> list[ChunkRef]:
     return [ChunkRef(storage.join(data_url, info.file, c.file), c.sha256, c.count, info.id) for c in info.chunks]
 
 
+def check_sha256(digest: str, expected: str, url: str, what: str) -> None:
+    """One DataError line when a file's sha256 is not the one the manifest recorded (shards, chunks, held-out
+    split)."""
+    if digest != expected:
+        raise DataError(f"{url}: sha256 mismatch (manifest {expected[:12]}..., file {digest[:12]}...): "
+                        f"the {what} is corrupt or was changed; {_RERUN}")
+
+
 def read_chunk(ref: ChunkRef, verify: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(images, labels, index) of one chunk; a missing, changed or unparsable file is one DataError line."""
     from safetensors.torch import load
@@ -153,10 +161,7 @@ def read_chunk(ref: ChunkRef, verify: bool = True) -> tuple[torch.Tensor, torch.
     except StorageError as exc:
         raise DataError(f"{exc}; {_RERUN}") from None
     if verify:
-        digest = storage.sha256_bytes(data)
-        if digest != ref.sha256:
-            raise DataError(f"{ref.url}: sha256 mismatch (manifest {ref.sha256[:12]}..., file {digest[:12]}...): "
-                            f"the chunk is corrupt or was changed; {_RERUN}")
+        check_sha256(storage.sha256_bytes(data), ref.sha256, ref.url, "chunk")
     try:
         t = load(data)
         x, y, idx = t["images"], t["labels"], t["index"]
@@ -183,9 +188,7 @@ def verify_chunks(data_url: str, info: ShardInfo) -> None:
             digest = storage.sha256_url(ref.url)
         except StorageError as exc:
             raise DataError(f"{exc}; {_RERUN}") from None
-        if digest != ref.sha256:
-            raise DataError(f"{ref.url}: sha256 mismatch (manifest {ref.sha256[:12]}..., file {digest[:12]}...): "
-                            f"the chunk is corrupt or was changed; {_RERUN}")
+        check_sha256(digest, ref.sha256, ref.url, "chunk")
 
 
 def use_stream(loader: str, chunked: bool) -> bool:

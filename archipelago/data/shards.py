@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from archipelago import storage
 from archipelago.config import DataConfig
-from archipelago.data.chunks import ChunkInfo, read_chunked_shard, verify_chunks
+from archipelago.data.chunks import ChunkInfo, check_sha256, read_chunked_shard, verify_chunks
 from archipelago.data.latents import LatentSpace
 from archipelago.errors import DataError, StorageError
 
@@ -200,10 +200,7 @@ def _shard_bytes(data_url: str, info: ShardInfo | HoldoutInfo, verify: bool) -> 
     except StorageError as exc:
         raise DataError(f"{exc}; {_RERUN}") from None
     if verify:
-        digest = storage.sha256_bytes(data)
-        if digest != info.sha256:
-            raise DataError(f"{url}: sha256 mismatch (manifest {info.sha256[:12]}..., file "
-                            f"{digest[:12]}...): the shard is corrupt or was changed; {_RERUN}")
+        check_sha256(storage.sha256_bytes(data), info.sha256, url, "shard")
     return data
 
 
