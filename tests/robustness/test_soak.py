@@ -1,4 +1,4 @@
-"""Soak (issue 20, item 8): the real `archipelago train` pipeline on S3 (a moto server), three runs back to
+"""Soak (issue 20, item 8): the real `archipelago train` pipeline on S3 (a moto server), two runs back to
 back, with seeded random SIGKILLs of island workers, the router and the driver while they run:
 
 - every run ends with an ensemble that verifies (members' sha256, manifest, fencing tokens);
@@ -11,7 +11,8 @@ back, with seeded random SIGKILLs of island workers, the router and the driver w
   The next driver starts at once meanwhile, as a user's re-run would.
 
 Cost: each run is a full Ray pipeline (~100 s on a loaded 2-core machine) plus the restarts the kills
-cause; 8-9 minutes in all there (11-12 kills, 6 driver starts).
+cause; 3-4 minutes unloaded (7-9 kills, 4 driver starts). Two runs, not more: the second already starts
+while the first's killed leftovers are still exiting, which is the overlap a soak is for.
 
 Kills are drawn from a seeded RNG: which kind comes next (island | router | driver), which process of that
 kind, and the pause before it. The timing of the machine decides the rest; the counts are recorded.
@@ -181,10 +182,10 @@ def test_soak_pipeline_on_s3_with_random_sigkills(s3_env, tmp_path, record_prope
     pending: list[str] = []
     t_start = time.perf_counter()
     try:
-        for run in range(3):
+        for run in range(2):
             cfg = tmp_path / f"soak-{run}.yaml"
             cfg.write_text(yaml.safe_dump(_soak_config(run, bucket, mlruns), sort_keys=False))
-            # 13 planned over the 3 runs; a kind that is not running when its turn comes waits for a later
+            # 9 planned over the 2 runs; a kind that is not running when its turn comes waits for a later
             # moment (or run), so a few may be left over at the very end
             kinds = ["island", "island", "router", "driver"] + (["island"] if run == 0 else [])
             pending += rng.sample(kinds, len(kinds))
@@ -261,13 +262,13 @@ def test_soak_pipeline_on_s3_with_random_sigkills(s3_env, tmp_path, record_prope
     assert "RUNNING" not in status, [(r.info.run_name, r.info.status) for r in runs]
     parents = [r for r in runs if r.data.tags.get("archipelago.kind") == "pipeline"
                and r.info.status == "FINISHED"]
-    assert sorted(r.info.run_name for r in parents) == ["soak-0", "soak-1", "soak-2"]
+    assert sorted(r.info.run_name for r in parents) == ["soak-0", "soak-1"]
     resumed = sum(1 for r in runs if "archipelago.resumed_after" in r.data.tags)
 
     by_kind = {k: sum(1 for _, kind, _ in kills if kind == k) for k in ("island", "router", "driver")}
     print(f"soak: {len(kills)} SIGKILLs {by_kind}, {len(reports)} driver starts, MLflow runs {status} "
           f"({resumed} resumed after their driver was killed), "
           f"pipelines done in {wall:.0f}s; a driver's leftovers exited within {lingered:.0f}s ({lingering})")
-    assert len(kills) >= 10 and all(by_kind.values()), (kills, pending)
+    assert len(kills) >= 7 and all(by_kind.values()), (kills, pending)
     record_property("robustness: SIGKILLs survived (soak: islands, router, driver)", len(kills))
     record_property("robustness: soak runs verified", 3)
