@@ -202,3 +202,11 @@ def build_app(ensemble_url: str, serve_cfg: ServeConfig) -> Any:
         name="ingress", ray_actor_options={"num_cpus": 0}, max_ongoing_requests=2 * serve_cfg.max_concurrent,
         graceful_shutdown_timeout_s=serve_cfg.request_timeout_s)
     return ingress.bind(ensemble_url, serve_cfg.model_dump(mode="json"), router, experts)
+
+
+def app_builder(args: dict[str, Any]) -> Any:
+    """Serve's application builder (`import_path: archipelago.serve.app:app_builder`, used by the Helm chart's
+    RayService): args = {"ensemble": URL, "serve": {fields of the `serve:` config section}}."""
+    if not isinstance(args, dict) or not args.get("ensemble"):
+        raise ArchipelagoError("serve: the application args need 'ensemble' (the ensemble.json URL)")
+    return build_app(str(args["ensemble"]), ServeConfig.model_validate(args.get("serve") or {}))
