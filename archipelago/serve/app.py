@@ -64,6 +64,13 @@ async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResp
     return _error(422, str(exc.errors()[0].get("msg", "invalid request")))
 
 
+@api.exception_handler(Exception)
+async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+    from archipelago.errors import failure_line
+
+    return _error(500, f"internal error: {failure_line(exc)}")
+
+
 @serve.ingress(api)
 class Ingress:
     """Checks requests, samples them (one thread each, so generate's loop runs unchanged) and answers."""

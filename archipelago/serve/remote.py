@@ -98,6 +98,7 @@ class RemoteMember(nn.Module):
                 self.stats.add(size)
                 return out
             except retryable:
+                response.cancel()   # a slow replica may still be on it: the retry replaces it
                 self.stats.retried()
                 time.sleep(min(RETRY_PAUSE_S, max(0.0, self.deadline.end - time.monotonic())))
                 self.deadline.left(self.name)

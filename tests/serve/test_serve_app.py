@@ -236,6 +236,9 @@ def test_a_dead_member_is_a_503_line_after_the_deadline():
         def result(self, timeout_s: float) -> None:
             raise ActorDiedError()
 
+        def cancel(self) -> None:
+            pass
+
     class Handle:
         def remote(self, *args: object) -> Dead:
             return Dead()
