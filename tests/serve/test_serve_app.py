@@ -76,7 +76,7 @@ def server(tiny_ensemble, tmp_path_factory):
                                 stderr=subprocess.STDOUT, env=env, start_new_session=True)
     base, procs = f"http://127.0.0.1:{port}", []
     try:
-        deadline = time.monotonic() + 150
+        deadline = time.monotonic() + 420   # a loaded 2-core machine: minutes; idle: ~40 s
         while True:
             assert proc.poll() is None, log_path.read_text()[-3000:]
             procs = psutil.Process(proc.pid).children(recursive=True)
@@ -85,7 +85,7 @@ def server(tiny_ensemble, tmp_path_factory):
                     break
             except (urllib.error.URLError, ConnectionError, TimeoutError):
                 pass
-            assert time.monotonic() < deadline, "serve did not answer within 150 s:\n" + log_path.read_text()[-3000:]
+            assert time.monotonic() < deadline, "serve did not answer within 420 s:\n" + log_path.read_text()[-3000:]
             time.sleep(0.5)
         yield base, ens, proc, log_path
     finally:
@@ -137,10 +137,20 @@ def test_generate_gives_the_bytes_of_archipelago_generate(server, tmp_path):
                                    "--save-tensor", str(tmp_path / "s.safetensors")])
     assert out.exit_code == 0, out.output
     status, headers, png = _call(base, "/v1/generate", flags)
-    assert status == 200 and headers["content-type"] == "image/png"
+    assert status == 200 and headers["content-type"] == "image/png", (status, png[:300])
     assert png == (tmp_path / "g.png").read_bytes()
     status, _, tensors = _call(base, "/v1/generate", {**flags, "output": "safetensors"})
-    assert status == 200 and tensors == (tmp_path / "s.safetensors").read_bytes()
+    assert status == 200, tensors[:300]
+    if tensors != (tmp_path / "s.safetensors").read_bytes():   # say what differs: numbers or metadata
+        from safetensors import safe_open
+        from safetensors.torch import load
+
+        with safe_open(str(tmp_path / "s.safetensors"), "pt") as f:
+            want_meta = f.metadata()
+        got, want = load(tensors), load((tmp_path / "s.safetensors").read_bytes())
+        diff = (got["samples"] - want["samples"]).abs().max().item()
+        pytest.fail(f"safetensors differ: max abs diff {diff}, labels {got['labels']} vs {want['labels']}, "
+                    f"header {tensors[8:400]!r} vs meta {want_meta}")
     # Explicit labels equal to generate's default labels: the same request.
     assert _call(base, "/v1/generate", {**flags, "classes": [0, 1, 2]})[2] == png
 
@@ -249,15 +259,6 @@ def test_a_dead_member_is_a_503_line_after_the_deadline():
     with pytest.raises(Unavailable, match="expert-0 did not answer within the request timeout"):
         member(torch.zeros(1, 1, 4, 4), torch.zeros(1), torch.zeros(1, dtype=torch.long))
     assert time.monotonic() - t0 < 2.0 and stats.retries >= 2
-
-
-def test_serve_help_shows_an_example():
-    from typer.testing import CliRunner
-
-    from archipelago.cli import app
-
-    out = CliRunner().invoke(app, ["serve", "--help"])
-    assert out.exit_code == 0 and "archipelago serve --ensemble" in out.output
 
 
 def test_serve_refuses_a_broken_ensemble_in_one_line(tmp_path, cli):
