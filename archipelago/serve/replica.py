@@ -32,8 +32,9 @@ def load_member(url: str, kind: str) -> torch.nn.Module:
 class ModelReplica:
     """Deployment body: `await handle.remote(x, t, y)` -> (output, size of the batch it ran in)."""
 
-    def __init__(self, url: str, kind: str, batch_max_size: int, batch_wait_s: float, exact: bool):
-        torch.set_num_threads(1)   # replicas share the machine's cores with each other
+    def __init__(self, url: str, kind: str, batch_max_size: int, batch_wait_s: float, exact: bool,
+                 threads: int = 1):
+        torch.set_num_threads(threads)   # the CPUs Ray reserved for it (1 when none: replicas share cores)
         self.model, self.exact = load_member(url, kind), exact
         self.forward.set_max_batch_size(batch_max_size)
         self.forward.set_batch_wait_timeout_s(batch_wait_s)
@@ -66,5 +67,6 @@ def deployment(name: str, url: str, kind: str, serve_cfg: Any, replicas: int) ->
                                          "target_ongoing_requests": serve_cfg.batch_max_size}
     else:
         options["num_replicas"] = replicas
-    return serve.deployment(ModelReplica).options(**options).bind(url, kind, serve_cfg.batch_max_size,
-                                                         serve_cfg.batch_wait_s, serve_cfg.exact)
+    return serve.deployment(ModelReplica).options(**options).bind(
+        url, kind, serve_cfg.batch_max_size, serve_cfg.batch_wait_s, serve_cfg.exact,
+        max(1, int(serve_cfg.replica_cpus)))
