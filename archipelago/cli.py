@@ -265,6 +265,37 @@ def generate_cmd(
     run_generate(cfg, request, typer.echo)
 
 
+ServeConfigOpt = typer.Option(None, "--config", "-c", help="YAML whose `serve:` section sets the defaults below "
+                              "(default: the built-in defaults).")
+
+
+@app.command("serve")
+def serve_cmd(
+    ensemble: str = typer.Option(..., "--ensemble", help="ensemble.json URL (or its directory)."),
+    config: Path | None = ServeConfigOpt,
+    overrides: list[str] | None = SetOpt,
+    host: str | None = typer.Option(None, "--host", help="Address to bind. [serve.host, 127.0.0.1]"),
+    port: int | None = typer.Option(None, "--port", min=1, max=65535, help="HTTP port. [serve.port, 8000]"),
+    ray_address: str | None = typer.Option(None, "--ray-address", help="Deploy on this Ray cluster (default: "
+                                           "$RAY_ADDRESS, else a private local Ray)."),
+) -> None:
+    """Serve an ensemble over HTTP on Ray Serve: the router and each expert are deployments of their own,
+    concurrent requests are batched, and a request gives the samples `archipelago generate` gives for the
+    same arguments. A bearer token is required when the variable named by serve.token_env
+    (ARCHIPELAGO_SERVE_TOKEN) is set.
+
+    Example: archipelago serve --ensemble runs/quickstart/ensemble.json --port 8000
+
+    then: curl -s -X POST http://127.0.0.1:8000/v1/generate -H 'Content-Type: application/json'
+    -d '{"n": 8, "classes": [0,1,2,3,4,5,6,7], "steps": 32, "cfg": 2.0, "seed": 0}' -o grid.png
+    """
+    from archipelago.serve.run import serve_ensemble
+
+    flags = {"host": host, "port": port}
+    cfg = _load(config, (overrides or []) + [f"serve.{k}={v}" for k, v in flags.items() if v is not None])
+    serve_ensemble(ensemble, cfg.serve, typer.echo, ray_address=ray_address)
+
+
 @app.command("eval")
 def eval_cmd(
     samples: str = typer.Option(..., "--samples", help="safetensors with 'samples' (+ 'labels'), from generate."),

@@ -220,6 +220,34 @@ class InferenceConfig(_Section):
     seed: int = Field(0, description="Noise seed.")
 
 
+class ServeConfig(_Section):
+    """`archipelago serve`: the Ray Serve application of an ensemble. Laptop defaults: loopback only, one
+    replica per expert, no token (set `token_env` and export that variable to require one)."""
+    host: str = Field("127.0.0.1", description="Address the HTTP proxy binds (0.0.0.0 only behind auth/ingress).")
+    port: int = Field(8000, ge=1, le=65535, description="HTTP port of the Serve proxy.")
+    token_env: str | None = Field("ARCHIPELAGO_SERVE_TOKEN", description="Environment variable holding the "
+                                  "bearer token; unset or empty variable: no token is required.")
+    max_n: int = Field(64, ge=1, description="Largest n (samples) one request may ask for.")
+    max_steps: int = Field(256, ge=1, description="Largest sampler step count one request may ask for.")
+    max_body_bytes: int = Field(65536, ge=256, description="Largest request body; larger ones get 413.")
+    batch_max_size: int = Field(8, ge=1, description="serve.batch: most expert/router calls merged into one.")
+    batch_wait_s: float = Field(0.005, ge=0, description="serve.batch: how long a call waits for company.")
+    exact: bool = Field(True, description="Batched calls run one forward per request inside the batch, so a "
+                        "response equals `archipelago generate` bit for bit (CPU matmuls are not batch-"
+                        "invariant at small batch sizes); false: one forward over the whole batch (faster, "
+                        "samples differ from generate by float rounding).")
+    expert_replicas: int = Field(1, ge=1, description="Replicas per expert deployment.")
+    router_replicas: int = Field(1, ge=1, description="Replicas of the router deployment.")
+    max_replicas: int | None = Field(None, ge=1, description="Autoscale each expert between expert_replicas "
+                                     "and this (None: fixed expert_replicas).")
+    replica_cpus: float = Field(0.0, ge=0, description="Ray CPUs each model replica reserves (0: no "
+                                "reservation, a laptop shares its cores).")
+    max_concurrent: int = Field(64, ge=1, description="Requests the ingress samples at once; more wait.")
+    request_timeout_s: float = Field(120.0, gt=0, description="A request still sampling after this gets 503.")
+    call_timeout_s: float = Field(30.0, gt=0, description="One expert/router call; a dead or stuck replica "
+                                  "is retried on another until request_timeout_s, then 503.")
+
+
 class TrackingConfig(_Section):
     enabled: bool = Field(True, description="Log params/metrics/artifacts to MLflow.")
     tracking_uri: str | None = Field(
@@ -238,12 +266,14 @@ class ArchipelagoConfig(_Section):
     router: RouterConfig = Field(default_factory=RouterConfig)
     islands: IslandsConfig = Field(default_factory=IslandsConfig)
     inference: InferenceConfig = Field(default_factory=InferenceConfig)
+    serve: ServeConfig = Field(default_factory=ServeConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     storage: StorageConfig = Field(default_factory=StorageConfig)
 
     def config_hash(self) -> str:
-        """sha256 of the canonical JSON of the resolved config (stable across key order)."""
-        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        """sha256 of the canonical JSON of the resolved config (stable across key order). `serve` is left
+        out: how a model is served does not change what was trained (nor re-trains it)."""
+        blob = json.dumps(self.model_dump(mode="json", exclude={"serve"}), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()
 
 

@@ -171,28 +171,41 @@ class Ensemble(nn.Module):
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """x [N,C,H,W], t float [N], y long [N] (num_classes = null) -> mixture velocity [N,C,H,W] (fp32)."""
         weights = self.route(x, t, y)                                             # [N, K]
+        calls = self.expert_calls_for(weights)
+        return self.combine(x, weights, calls, self.run_experts(x, t, y, calls))
+
+    def expert_calls_for(self, weights: torch.Tensor) -> list[tuple[int, torch.Tensor | None]]:
+        """(k, sample indices or None = all) for every expert with work, in k order."""
+        calls = []
+        for k in range(len(self.experts)):
+            if self.top_k is None:
+                calls.append((k, None))                                           # full: everyone
+                continue
+            idx = torch.nonzero(weights[:, k] > 0).squeeze(1)                     # [n_k]
+            if idx.numel():
+                calls.append((k, None if idx.numel() == weights.shape[0] else idx))
+        return calls
+
+    def run_experts(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
+                    calls: list[tuple[int, torch.Tensor | None]]) -> list[torch.Tensor]:
+        """The experts' velocities for `calls`, one after another (a served ensemble overrides this to run
+        them at once on their own replicas)."""
+        return [self.experts[k](x, t, y) if idx is None else self.experts[k](x[idx], t[idx], y[idx])
+                for k, idx in calls]
+
+    def combine(self, x: torch.Tensor, weights: torch.Tensor, calls: list[tuple[int, torch.Tensor | None]],
+                velocities: list[torch.Tensor]) -> torch.Tensor:
+        """sum_k w_k v_k, accumulated in k order (fp32), counting the calls."""
         bshape = (-1,) + (1,) * (x.dim() - 1)
         out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)          # [N, C, H, W]
-        for k, expert in enumerate(self.experts):
+        for (k, idx), v in zip(calls, velocities, strict=True):
             w = weights[:, k]                                                     # [N]
-            if self.top_k is None:
-                idx = None                                                        # full: everyone
-            else:
-                idx = torch.nonzero(w > 0).squeeze(1)                             # [n_k]
-                if idx.numel() == 0:
-                    continue
-                if idx.numel() == x.shape[0]:
-                    idx = None
             if idx is None:
-                v = expert(x, t, y).float()                                       # [N, C, H, W]
-                out += w.reshape(bshape) * v
-                n_k = x.shape[0]
+                out += w.reshape(bshape) * v.float()                              # [N, C, H, W]
             else:
-                v = expert(x[idx], t[idx], y[idx]).float()                        # [n_k, C, H, W]
-                out.index_add_(0, idx, w[idx].reshape(bshape) * v)
-                n_k = idx.numel()
+                out.index_add_(0, idx, w[idx].reshape(bshape) * v.float())        # [n_k, C, H, W]
             self.expert_calls += 1
-            self.expert_samples[k] += n_k
+            self.expert_samples[k] += x.shape[0] if idx is None else idx.numel()
         return out
 
     def forward_with_cfg(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor,

@@ -69,15 +69,19 @@ def generate(model: nn.Module, n: int, cfg_scale: float = 1.0, seed: int = 0, st
                   null_class=model.num_classes).cpu()
 
 
-def save_samples(url: str, samples: torch.Tensor, labels: torch.Tensor, meta: dict[str, Any] | None = None) -> str:
-    """Write {"samples": fp32 [N,...], "labels": long [N]} as safetensors (what `archipelago eval` reads)."""
+def samples_bytes(samples: torch.Tensor, labels: torch.Tensor, meta: dict[str, Any] | None = None) -> bytes:
+    """{"samples": fp32 [N,...], "labels": long [N]} as safetensors bytes (what `archipelago eval` reads)."""
     import json
 
     from safetensors.torch import save
 
-    blob = save({"samples": samples.float().contiguous(), "labels": labels.long().contiguous()},
+    return save({"samples": samples.float().contiguous(), "labels": labels.long().contiguous()},
                 metadata={"archipelago": "samples", "meta": json.dumps(meta or {}, sort_keys=True)})
-    return storage.write_bytes(url, blob)
+
+
+def save_samples(url: str, samples: torch.Tensor, labels: torch.Tensor, meta: dict[str, Any] | None = None) -> str:
+    """Write `samples_bytes` to url; returns its sha256."""
+    return storage.write_bytes(url, samples_bytes(samples, labels, meta))
 
 
 def load_samples(url: str) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -98,13 +102,18 @@ def load_samples(url: str) -> tuple[torch.Tensor, torch.Tensor | None]:
     raise CheckpointError(f"{url}: no 'samples' tensor (found {', '.join(sorted(t))})")
 
 
-def write_picture(samples: torch.Tensor, url: str) -> str:
+def picture_bytes(samples: torch.Tensor) -> bytes:
     """PNG grid for images [N,C,H,W]; an animated GIF row for videos [N,C,F,H,W]."""
-    from archipelago.imaging import save_gif, save_grid
+    from archipelago.imaging import gif_bytes, grid_png_bytes
 
     if samples.dim() == 5:
-        return save_gif(samples[:8].movedim(1, 2), url)
-    return save_grid(samples, url)
+        return gif_bytes(samples[:8].movedim(1, 2))
+    return grid_png_bytes(samples)
+
+
+def write_picture(samples: torch.Tensor, url: str) -> str:
+    """Write `picture_bytes` to url; returns its sha256."""
+    return storage.write_bytes(url, picture_bytes(samples))
 
 
 def data_space_of(url: str) -> dict[str, Any] | None:
@@ -146,8 +155,10 @@ __all__ = [
     "generate",
     "load_sampler_model",
     "load_samples",
+    "picture_bytes",
     "sample_grid",
     "sample_shape",
+    "samples_bytes",
     "save_samples",
     "to_pixels",
     "write_picture",

@@ -35,19 +35,29 @@ def grid(images: torch.Tensor, nrow: int | None = None, pad: int = 1, scale: int
     return img
 
 
-def save_grid(images: torch.Tensor, url: str, nrow: int | None = None, scale: int = 4) -> str:
-    """Write a PNG grid to `url` atomically; returns its sha256."""
+def grid_png_bytes(images: torch.Tensor, nrow: int | None = None, scale: int = 4) -> bytes:
+    """A PNG grid of [N,C,H,W] in [-1,1] as bytes (what `save_grid` writes; the server answers with it)."""
     buf = io.BytesIO()
     grid(images, nrow=nrow, scale=scale).save(buf, format="PNG")
-    return storage.write_bytes(url, buf.getvalue())
+    return buf.getvalue()
 
 
-def save_gif(frames: torch.Tensor, url: str, fps: int = 8, scale: int = 4) -> str:
-    """[F,C,H,W] (one video) or [N,F,C,H,W] (a row of videos side by side) -> animated GIF."""
+def save_grid(images: torch.Tensor, url: str, nrow: int | None = None, scale: int = 4) -> str:
+    """Write a PNG grid to `url` atomically; returns its sha256."""
+    return storage.write_bytes(url, grid_png_bytes(images, nrow=nrow, scale=scale))
+
+
+def gif_bytes(frames: torch.Tensor, fps: int = 8, scale: int = 4) -> bytes:
+    """[F,C,H,W] (one video) or [N,F,C,H,W] (a row of videos side by side) -> animated GIF bytes."""
     if frames.dim() == 4:
         frames = frames.unsqueeze(0)
     n, f = frames.shape[:2]
     pics = [grid(frames[:, i], nrow=n, scale=scale).convert("P") for i in range(f)]
     buf = io.BytesIO()
     pics[0].save(buf, format="GIF", save_all=True, append_images=pics[1:], duration=int(1000 / fps), loop=0)
-    return storage.write_bytes(url, buf.getvalue())
+    return buf.getvalue()
+
+
+def save_gif(frames: torch.Tensor, url: str, fps: int = 8, scale: int = 4) -> str:
+    """Write `gif_bytes` to url atomically; returns its sha256."""
+    return storage.write_bytes(url, gif_bytes(frames, fps=fps, scale=scale))

@@ -61,12 +61,17 @@ def run_generate(cfg: ArchipelagoConfig, req: GenerateRequest, echo: Callable[[s
         _parallel(cfg, req, echo)
 
 
+def samples_meta(source: str, mode: str | None, cfg_scale: float, seed: int, steps: int, sampler: str,
+                 compile: bool = False) -> dict[str, object]:
+    """The samples file's metadata (generate's both paths, and `archipelago serve`'s safetensors)."""
+    return {"source": source, "mode": mode, "cfg_scale": cfg_scale, "seed": seed, "steps": steps,
+            "sampler": sampler, "compile": compile}
+
+
 def _meta(cfg: ArchipelagoConfig, req: GenerateRequest) -> dict[str, object]:
-    """The samples file's metadata (both paths)."""
     e = cfg.expert
-    return {"source": req.source, "mode": cfg.inference.routing if req.is_ensemble else None,
-            "cfg_scale": e.cfg_scale, "seed": cfg.inference.seed, "steps": e.sample_steps, "sampler": e.sampler,
-            "compile": e.compile}
+    return samples_meta(req.source, cfg.inference.routing if req.is_ensemble else None, e.cfg_scale,
+                        cfg.inference.seed, e.sample_steps, e.sampler, e.compile)
 
 
 def _single(cfg: ArchipelagoConfig, req: GenerateRequest, echo: Callable[[str], None]) -> None:

@@ -35,3 +35,33 @@ def write_report(out: str, report: dict[str, Any]) -> None:
     tmp.write_text(json.dumps(report, indent=2, default=float) + "\n")
     tmp.replace(path)
     print(f"\nwrote {out}")
+
+
+def train_small_ensemble(root: Any, expert: dict[str, Any] | None = None, k: int = 2, steps: int = 2,
+                         name: str | None = None) -> str:
+    """A real K-expert ensemble on the digits (data, experts, router, ensemble.json) trained for a few steps
+    in this process: what the serving tests and benchmark sample from (cost does not depend on the weights).
+    expert: ExpertConfig fields (default: a 1-block DiT of width 32). Returns the ensemble.json path."""
+    from pathlib import Path
+
+    from archipelago.config import ArchipelagoConfig
+    from archipelago.data.prepare import prepare_data
+    from archipelago.ensemble import write_ensemble
+    from archipelago.experts.train import train_expert
+    from archipelago.router.train import train_router
+
+    root = Path(root)
+    cfg = ArchipelagoConfig()
+    cfg.data.num_clusters = k
+    dims = expert or {"hidden_size": 32, "depth": 1, "num_heads": 2}
+    for key, val in {**dims, "steps": steps, "batch_size": 16, "warmup_steps": 1, "checkpoint_every": 100,
+                     "log_every": 5}.items():
+        setattr(cfg.expert, key, val)
+    cfg.router.steps, cfg.router.batch_size, cfg.router.hidden_size, cfg.router.depth = 2, 16, 16, 1
+    data = str(root / "data")
+    prepare_data(cfg.data, data, progress=False)
+    experts = {i: train_expert(cfg, i, data, str(root / f"expert-{i}"))["final_checkpoint"] for i in range(k)}
+    router = train_router(cfg, data, str(root / "router"))["router"]
+    ens = str(root / "ensemble.json")
+    write_ensemble(ens, experts, router, data, cfg.config_hash(), name=name)
+    return ens

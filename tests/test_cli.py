@@ -10,7 +10,7 @@ runner = CliRunner()
 
 COMMANDS = [["data", "prepare"], ["train"], ["train-expert"], ["train-router"], ["generate"], ["eval"],
             ["cluster", "up"], ["cluster", "status"], ["cluster", "down"], ["cluster", "local"],
-            ["cluster", "cleanup"], ["quickstart"]]
+            ["cluster", "cleanup"], ["quickstart"], ["serve"]]
 
 
 def test_root_help_lists_command_groups():

@@ -22,6 +22,7 @@ from typing import Any
 
 from archipelago import storage
 from archipelago.errors import EnsembleError
+from archipelago.serve.requests import SampleRequest
 
 ARTIFACT = "ensemble"                       # context.artifacts key: the packaged ensemble directory
 ENTRY = Path(__file__).with_name("pyfunc_entry.py")
@@ -125,72 +126,41 @@ class EnsembleModel:
     imported): load the packaged ensemble once, sample every request row like `archipelago generate`."""
 
     def load_context(self, context: Any) -> None:
-        from archipelago.config import ArchipelagoConfig
         from archipelago.ensemble import ENSEMBLE_FILE, load_ensemble
+        from archipelago.serve.requests import generate_defaults
 
         self.ensemble = load_ensemble(str(Path(context.artifacts[ARTIFACT]) / ENSEMBLE_FILE), mode="top-1")
-        defaults = ArchipelagoConfig()
-        self.defaults = {"steps": defaults.expert.sample_steps, "cfg": defaults.expert.cfg_scale,
-                         "seed": defaults.inference.seed, "routing": defaults.inference.routing,
-                         "sampler": defaults.expert.sampler}
+        self.defaults = generate_defaults()
         self.limits = {**DEFAULT_LIMITS, **(getattr(context, "model_config", None) or {})}
 
-    def _request(self, i: int, row: dict[str, Any]) -> dict[str, Any]:
+    def _request(self, i: int, row: dict[str, Any]) -> SampleRequest:
         """One validated request; every problem is one 4xx line naming the row and the field."""
-        from archipelago.ensemble import parse_mode
+        from archipelago.serve.requests import RequestError, parse_request
 
-        req = {**self.defaults, **{k: v for k, v in row.items() if k != "classes"}}
-        unknown = set(row) - set(req) - {"classes", "n"}
-        if "n" not in row or unknown:
-            what = f"unknown field(s) {sorted(unknown)}" if unknown else "missing field 'n'"
-            raise _bad(f"request {i}: {what}; fields: n, classes, steps, cfg, seed, routing, sampler")
         try:
-            n, steps, seed, cfg = int(req["n"]), int(req["steps"]), int(req["seed"]), float(req["cfg"])
-        except (TypeError, ValueError):
-            raise _bad(f"request {i}: n, steps and seed must be integers and cfg a number") from None
-        if not 1 <= n <= self.limits["max_n"]:
-            raise _bad(f"request {i}: n={n} must be in [1, {self.limits['max_n']}]")
-        if not 1 <= steps <= self.limits["max_steps"]:
-            raise _bad(f"request {i}: steps={steps} must be in [1, {self.limits['max_steps']}]")
-        if cfg < 0:
-            raise _bad(f"request {i}: cfg={cfg} must be >= 0")
-        if req["sampler"] not in ("euler", "heun"):
-            raise _bad(f"request {i}: sampler {req['sampler']!r}; allowed: euler | heun")
-        try:
-            parse_mode(str(req["routing"]))
-        except EnsembleError as exc:
-            raise _bad(f"request {i}: routing: {exc}") from None
-        classes = row.get("classes")
-        if classes is not None and len(classes) == 0:
-            classes = None   # [] = the default labels: rows of one DataFrame must all have a list here
-        if classes is not None:
-            classes = [int(c) for c in list(classes)]
-            c = self.ensemble.num_classes
-            if len(classes) != n or any(not 0 <= y < c for y in classes):
-                raise _bad(f"request {i}: classes must be {n} labels in [0, {c})")
-        return {"n": n, "steps": steps, "seed": seed, "cfg": cfg, "routing": str(req["routing"]),
-                "sampler": req["sampler"], "classes": classes}
+            return parse_request(row, self.defaults, self.limits["max_n"], self.limits["max_steps"],
+                                 self.ensemble.num_classes)
+        except RequestError as exc:
+            raise _bad(f"request {i}: {exc}") from None
 
     def predict(self, context: Any, model_input: Any, params: dict[str, Any] | None = None) -> dict[str, Any]:
         import numpy as np
-        import torch
 
-        from archipelago.generate import default_classes, generate
+        from archipelago.generate import generate
 
         requests = [self._request(i, row) for i, row in enumerate(_rows(model_input))]   # all checked first
         samples, labels, index = [], [], []
         for i, r in enumerate(requests):
-            y = (torch.tensor(r["classes"], dtype=torch.long) if r["classes"] is not None
-                 else default_classes(r["n"], self.ensemble.num_classes))
+            y = r.labels(self.ensemble.num_classes)
             try:
-                self.ensemble.mode = r["routing"]
+                self.ensemble.mode = r.routing
             except EnsembleError as exc:
                 raise _bad(f"request {i}: routing: {exc}") from None
-            x = generate(self.ensemble, r["n"], cfg_scale=r["cfg"], seed=r["seed"], steps=r["steps"],
-                         sampler=r["sampler"], classes=y)
+            x = generate(self.ensemble, r.n, cfg_scale=r.cfg, seed=r.seed, steps=r.steps, sampler=r.sampler,
+                         classes=y)
             samples.append(x.numpy().astype(np.float32))
             labels.append(y.numpy().astype(np.int64))
-            index.append(np.full(r["n"], i, dtype=np.int64))
+            index.append(np.full(r.n, i, dtype=np.int64))
         return {"samples": np.concatenate(samples), "labels": np.concatenate(labels),
                 "request": np.concatenate(index)}
 

@@ -80,6 +80,8 @@ def pod_specs(docs: list[dict]):
                 yield from ray_pod_specs(d["spec"]["rayClusterSpec"], f"RayJob/{name}")
             if "submitterPodTemplate" in d["spec"]:
                 yield f"RayJob/{name}/submitter", d["spec"]["submitterPodTemplate"]["spec"]
+        elif kind == "RayService":
+            yield from ray_pod_specs(d["spec"]["rayClusterConfig"], f"RayService/{name}")
 
 
 def ray_pod_specs(spec: dict, where: str):

@@ -365,6 +365,10 @@ headGroupSpec:
               containerPort: 10001
             - name: metrics
               containerPort: 8080
+            {{- with .servePort }}
+            - name: serve
+              containerPort: {{ . }}
+            {{- end }}
           env:
             {{- include "archipelago.env" (dict "root" . "gpu" (gt (include "archipelago.gpuCount" .Values.ray.head.resources | float64) 0.0)) | nindent 12 }}
           {{- with .Values.ray.head.resources }}
