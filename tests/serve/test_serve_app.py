@@ -23,7 +23,7 @@ pytestmark = pytest.mark.e2e
 
 TOKEN = "test-token-7f3a"          # the variable's value: must never appear in the server's output
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
-REQUEST_TIMEOUT_S = 20.0
+REQUEST_TIMEOUT_S = 30.0
 
 
 def _free_port() -> int:
