@@ -26,7 +26,7 @@ import torch.distributed as dist
 from archipelago.errors import ArchipelagoError, ConfigError
 from archipelago.inference.config import Mode, ParallelConfig
 from archipelago.inference.rank import process_group, rank_device, rank_error_line, rank_exit
-from archipelago.inference.runner import SamplingSpec, check_patch_rows, run_parallel_sampling
+from archipelago.inference.runner import SamplingSpec, check_layout_fits_expert, run_parallel_sampling
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         spec, pcfg = _spec_and_layout(args)
-        check_patch_rows(spec, pcfg)   # one line on every rank, before a rendezvous that could wait forever
+        check_layout_fits_expert(spec, pcfg)   # one line on every rank, before a rendezvous that could wait forever
         # joined here (not inside run_parallel_sampling) so the ranks' summaries can be gathered after
         with process_group(pcfg.world_size, None, None, rank_device(spec.device)):
             result = run_parallel_sampling(spec, pcfg)

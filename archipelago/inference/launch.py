@@ -22,7 +22,7 @@ from archipelago.errors import ConfigError
 from archipelago.inference.config import ParallelConfig
 from archipelago.inference.runner import (
     SamplingSpec,
-    check_patch_rows,
+    check_layout_fits_expert,
     read_samples,
     run_parallel_sampling,
 )
@@ -70,7 +70,7 @@ def generate_parallel(spec: SamplingSpec, pcfg: ParallelConfig, launcher: str = 
     if launcher not in LAUNCHERS:
         raise ConfigError(f"--launcher {launcher!r}; allowed: {' | '.join(LAUNCHERS)}")
     spec = spec.model_copy(update={"out": None})
-    check_patch_rows(spec, pcfg)   # one line here, before any process or actor starts
+    check_layout_fits_expert(spec, pcfg)   # one line here, before any process or actor starts
     if pcfg.world_size == 1:
         r = run_parallel_sampling(spec, pcfg)
         return r.samples, [r.summary()]
