@@ -49,14 +49,20 @@ def resolve_members(source: str) -> tuple[list[str], str | None, dict[str, Any],
 def sampling_spec(source: str, routing: str = "top-1", n: int = 16, cfg_scale: float = 1.0, seed: int = 0,
                   steps: int = 32, sampler: str = "euler", device: str = "auto",
                   compile: bool = False) -> SamplingSpec:
-    """The SamplingSpec of `archipelago generate`: classes 0..C-1 repeated (as the single-device path)."""
+    """The SamplingSpec of `archipelago generate`: classes 0..C-1 repeated (as the single-device path); a
+    video expert samples clips of its training length (meta.json's image_shape [C, F, H, W])."""
     experts, router, record, class_counts = resolve_members(source)
-    if record.get("class") not in (None, "DiT"):
-        raise ConfigError(f"{source}: a {record.get('class')} expert; videos use `archipelago generate-video`")
+    if record.get("class") not in (None, "DiT", "VideoDiT"):
+        raise ConfigError(f"{source}: a {record.get('class')} expert cannot be sampled in parallel")
+    shape = None
+    if record.get("class") == "VideoDiT":   # the clip length is not part of the model: the training clips'
+        from archipelago.experts.checkpoint import read_meta
+
+        shape = read_meta(experts[0]).get("image_shape")
     num_classes = int((record.get("args") or {}).get("num_classes", 1))
     labels = [i % max(num_classes, 1) for i in range(n)]
     return SamplingSpec(experts=experts, router=router, routing=routing, class_counts=class_counts,
-                        num_samples=n, labels=labels,
+                        num_samples=n, labels=labels, sample_shape=shape,
                         seed=seed, steps=steps, sampler=sampler, cfg_scale=cfg_scale, device=device,
                         compile=compile)
 

@@ -6,12 +6,15 @@ of the same seeded model), so the file pays process start-up twice, not once per
 """
 from __future__ import annotations
 
+import itertools
 import traceback
 from typing import Any
 
 import pytest
 import torch
+from torch import nn
 
+from archipelago.experts.sampling import euler_step, timesteps
 from archipelago.experts.video_dit import VideoDiT
 from archipelago.inference.comm import Comm
 from archipelago.inference.config import ParallelConfig
@@ -58,6 +61,11 @@ CASES: dict[int, dict[str, tuple[str, dict[str, Any], float]]] = {
         "cfg2-pipefusion2": ("image", {"mode": "pipefusion", "cfg_degree": 2, "warmup_steps": STEPS}, 2.0),
     },
 }
+# PipeFusion past its warm-up: compared with `pipefusion_reference`, not with one device
+STALE: dict[int, dict[str, tuple[str, dict[str, Any], float]]] = {
+    2: {"pipefusion": ("image", {"mode": "pipefusion", "warmup_steps": 1, "pipe_patches": 4}, 1.0)},
+    4: {},
+}
 
 
 def _worker(rank: int, init_method: str, world: int, out: Any) -> None:
@@ -65,7 +73,7 @@ def _worker(rank: int, init_method: str, world: int, out: Any) -> None:
     try:
         results = {}
         with process_group(world, rank, init_method, torch.device("cpu")):
-            for name, (kind, kwargs, cfg) in CASES[world].items():
+            for name, (kind, kwargs, cfg) in {**CASES[world], **STALE[world]}.items():
                 model, noise, y = case_inputs(kind)
                 comm = Comm()
                 fn = parallelize_for_inference(model, ParallelConfig(world_size=world, **kwargs), comm)
@@ -117,3 +125,58 @@ def test_bytes_per_step_are_counted_by_comm(runs):
         assert set(usp["by_type"]) == {"attn_a2a", "attn_ring", "output"}
         assert usp["by_step"] == {k: usp["total_bytes"] // STEPS for k in range(STEPS)}
         assert ranks[0]["cfg2-ulysses2"][1]["by_type"]["cfg"]["bytes"] > 0
+
+
+class _BufferedAttention(nn.Module):
+    """Reference attention of PipeFusion: a whole-image K/V buffer whose slice `band` is refreshed."""
+
+    band = slice(None)
+
+    def __init__(self, attn: nn.Module):
+        super().__init__()
+        self.attn, self.kv = attn, None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.attn.project_qkv(x)
+        fresh = torch.stack([k, v])
+        if self.kv is None or fresh.shape[3] == self.kv.shape[3]:
+            self.kv = fresh
+        else:
+            self.kv[:, :, :, self.band] = fresh
+        return self.attn.project_out(self.attn.attend(q, self.kv[0], self.kv[1]))
+
+
+@torch.no_grad()
+def pipefusion_reference(model: nn.Module, noise: torch.Tensor, y: torch.Tensor, steps: int, warmup: int,
+                         patches: int) -> torch.Tensor:
+    """PipeFusion on one process, spelled out: after the warm-up, the bands go through all blocks one after
+    the other; a band attends to the K/V buffer in which it (and the bands before it, this evaluation) are
+    fresh and the later bands are from the previous evaluation. Stages only decide where blocks run."""
+    for blk in model.blocks:
+        blk.attn = _BufferedAttention(blk.attn)
+    x = noise.float()
+    for k, (t, t_next) in enumerate(itertools.pairwise(timesteps(steps).tolist())):
+        tokens, c = model.embed(x, torch.full((x.shape[0],), t), y)
+        m = 1 if k < warmup else patches
+        per = tokens.shape[1] // m
+        outs = []
+        for i in range(m):
+            _BufferedAttention.band = slice(i * per, (i + 1) * per)
+            outs.append(model.run_blocks(tokens[:, i * per:(i + 1) * per], c))
+        x = euler_step(x, model.head(torch.cat(outs, dim=1), c), t, t_next)
+    return x
+
+
+def test_pipefusion_uses_stale_kv_of_the_later_patches(runs):
+    world, ranks = runs
+    for name, (kind, kwargs, cfg) in STALE[world].items():
+        model, noise, y = case_inputs(kind)
+        with torch.no_grad():
+            exact = parallel_sample(model, noise, y, STEPS, cfg_scale=cfg)
+        want = pipefusion_reference(model, noise, y, STEPS, kwargs["warmup_steps"], kwargs["pipe_patches"])
+        got = torch.from_numpy(ranks[0][name][0])
+        assert not torch.allclose(got, exact, atol=1e-4), name          # stale K/V changes the result ...
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)      # ... in exactly PipeFusion's way
+        assert torch.equal(got, torch.from_numpy(ranks[1][name][0]))
+        hidden = ranks[0][name][1]["by_type"]["pipe_hidden"]
+        assert hidden["calls"] == 1 + (STEPS - 1) * kwargs["pipe_patches"]   # warm-up: one whole-image patch
