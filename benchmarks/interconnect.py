@@ -267,12 +267,15 @@ def main() -> int:
 
 
 def merged(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
-    """`new`, with each rate's sections it lacks (train / infer) taken from `old`, marked as carried over."""
+    """`new`, with each rate's sections it lacks (train / infer) taken from `old`; `carried_over` names them
+    and when `old` ran."""
+    carried = {}
     for rate, row in new["rates"].items():
         for section in ("train", "infer"):
             if section not in row and section in old.get("rates", {}).get(rate, {}):
-                row[section] = {**old["rates"][rate][section], "carried_over_from_run_at": old["created_at"]}
-    return new
+                row[section] = old["rates"][rate][section]
+                carried.setdefault(rate, {})[section] = old["created_at"]
+    return {**new, "carried_over": carried}
 
 
 def table(results: dict[str, Any]) -> str:

@@ -91,13 +91,18 @@ def runs(request) -> tuple[int, list[dict[str, Any]]]:
     return world, spawn_ranks(_worker, world, (world,), timeout_s=150)
 
 
+def single_device(kind: str, cfg: float) -> tuple[torch.Tensor, tuple]:
+    """(the one-device samples of a case, its (model, noise, labels))."""
+    inputs = case_inputs(kind)
+    with torch.no_grad():
+        return parallel_sample(*inputs, STEPS, cfg_scale=cfg), inputs
+
+
 @pytest.mark.timeout(180)
 def test_sequence_modes_and_pipeline_equal_single_device(runs):
     world, ranks = runs
-    for name, (kind, kwargs, cfg) in CASES[world].items():
-        model, noise, y = case_inputs(kind)
-        with torch.no_grad():
-            ref = parallel_sample(model, noise, y, STEPS, cfg_scale=cfg)
+    for name, (kind, _, cfg) in CASES[world].items():
+        ref, _ = single_device(kind, cfg)
         assert ref.abs().mean() > 0.1, name
         for r, by_case in enumerate(ranks):
             got = torch.from_numpy(by_case[name][0])
@@ -170,10 +175,8 @@ def pipefusion_reference(model: nn.Module, noise: torch.Tensor, y: torch.Tensor,
 def test_pipefusion_uses_stale_kv_of_the_later_patches(runs):
     world, ranks = runs
     for name, (kind, kwargs, cfg) in STALE[world].items():
-        model, noise, y = case_inputs(kind)
-        with torch.no_grad():
-            exact = parallel_sample(model, noise, y, STEPS, cfg_scale=cfg)
-        want = pipefusion_reference(model, noise, y, STEPS, kwargs["warmup_steps"], kwargs["pipe_patches"])
+        exact, inputs = single_device(kind, cfg)
+        want = pipefusion_reference(*inputs, STEPS, kwargs["warmup_steps"], kwargs["pipe_patches"])
         got = torch.from_numpy(ranks[0][name][0])
         assert not torch.allclose(got, exact, atol=1e-4), name          # stale K/V changes the result ...
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)      # ... in exactly PipeFusion's way
