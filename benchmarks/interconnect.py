@@ -287,8 +287,9 @@ def table(results: dict[str, Any]) -> str:
                          f"{r['final_loss']} |")
         for mode, r in ((row.get("infer") or {}).get("modes") or {}).items():
             links = r.get("links")
-            across = (f"{sum(v['sent'] + v['received'] for v in links.values()) / 2**20:.1f} in all; "
-                      if links else "")
+            mib = (sum(v["sent"] + v["received"] for v in links.values()) / 2**20 if links
+                   else r.get("mib_across_links_all_nodes"))
+            across = "" if mib is None else f"{mib:.1f} in all; "
             lines.append(f"| {rate} | infer: {mode} (2 nodes) | {r['latency_s']:.2f} | {across}"
                          f"{r['bytes_per_step_rank0'] / 2**20:.2f} per step (rank 0 received) | rank-0 comm wait "
                          f"{r['comm_wait_s_rank0']:.2f} s, PSNR vs sync {r['psnr_vs_sync_db']} |")
