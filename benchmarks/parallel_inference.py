@@ -270,7 +270,7 @@ def run_size(size: int, worlds: list[int], steps: int, num_samples: int, timed_r
     rows = plan(worlds, expert, ensembles, steps, num_samples, quick=only == ["quick"])
     if only and only != ["quick"]:   # the rows named, and the baselines they are measured against
         keep = {r["name"] for r in rows if any(o in r["name"] for o in only)}
-        keep |= {r["baseline"] for r in rows if r["name"] in keep} | {"single (2 threads)"}
+        keep |= {r["baseline"] for r in rows if r["name"] in keep}
         rows = [r for r in rows if r["name"] in keep]
     for row in rows:
         print(f"-- {tokens(size)} tokens: {row['name']} ({row['pcfg'].describe()})", flush=True)
