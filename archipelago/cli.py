@@ -202,8 +202,10 @@ def generate_cmd(
                                               help="Also write samples + labels as safetensors (for eval)."),
     device: str = typer.Option("cpu", "--device", help="cpu | cuda | cuda:N."),
     parallel: str | None = typer.Option(None, "--parallel", help="Split the job over ranks: naive_patch | "
-                                        "sync_patch | distrifusion | cfg_parallel | expert_parallel. "
-                                        "[inference.mode, single]"),
+                                        "sync_patch | distrifusion | cfg_parallel | expert_parallel | ulysses | "
+                                        "ring | usp | pipefusion (video experts: ulysses | ring | usp | "
+                                        "cfg_parallel). Fast links: usp / ulysses (exact); slow links (1 Gbit/s "
+                                        "and below): pipefusion (docs/architecture.md). [inference.mode, single]"),
     world_size: int | None = typer.Option(None, "--world-size", min=1, help="Ranks of --parallel. "
                                           "[inference.world_size, 2]"),
     launcher: str | None = typer.Option(None, "--launcher", help="torchrun | ray | local (with --parallel). "
@@ -214,6 +216,15 @@ def generate_cmd(
                                             "[inference.warmup_steps, 1]"),
     comm_group_layers: int | None = typer.Option(None, "--comm-group-layers", min=1, help="DistriFusion: layers "
                                                  "per async K/V exchange. [inference.comm_group_layers, 1]"),
+    cfg_degree: int | None = typer.Option(None, "--cfg-degree", min=1, max=2, help="ulysses | ring | usp | "
+                                          "pipefusion: 2 runs the CFG branches on separate rank groups (the "
+                                          "degrees multiply to --world-size). [inference.cfg_degree, 1]"),
+    ulysses_degree: int | None = typer.Option(None, "--ulysses-degree", min=1, help="ulysses | usp: ranks "
+                                              "splitting the heads. [inference.ulysses_degree, inferred]"),
+    ring_degree: int | None = typer.Option(None, "--ring-degree", min=1, help="ring | usp: ranks passing K/V "
+                                           "round a ring. [inference.ring_degree, inferred]"),
+    pipe_patches: int | None = typer.Option(None, "--pipe-patches", min=1, help="pipefusion: patches per image "
+                                            "(stages = world size / cfg degree). [inference.pipe_patches, stages]"),
     ray_address: str | None = typer.Option(None, "--ray-address", help="Ray cluster for --launcher ray "
                                            "(default: $RAY_ADDRESS, else a local Ray)."),
     stats: str | None = typer.Option(None, "--stats", help="JSON URL with every rank's latency, peak memory "
@@ -237,6 +248,9 @@ def generate_cmd(
     Across ranks (same noise, same samples as one device for sync_patch/cfg_parallel/expert_parallel):
     archipelago generate --expert runs/quickstart/experts/expert-0/final --parallel distrifusion
     --world-size 2 --launcher ray --out grid.png
+    archipelago generate --expert CKPT --parallel usp --world-size 4 --ulysses-degree 2 --launcher torchrun
+    archipelago generate --expert CKPT --parallel ulysses --cfg-degree 2 --world-size 4 --cfg 2.0
+    archipelago generate --expert CKPT --parallel pipefusion --world-size 2 --pipe-patches 4 --warmup-steps 2
     """
     from archipelago.errors import ConfigError
     from archipelago.sampling_job import GenerateRequest, flag_overrides, run_generate
@@ -258,7 +272,8 @@ def generate_cmd(
     cfg = _load(config, (overrides or []) + flag_overrides(
         mode=mode, n=n, seed=seed, cfg_scale=cfg_scale, steps=steps, sampler=sampler, parallel=parallel,
         world_size=world_size, launcher=launcher, patch_mode=patch_mode, warmup_steps=warmup_steps,
-        comm_group_layers=comm_group_layers))
+        comm_group_layers=comm_group_layers, cfg_degree=cfg_degree, ulysses_degree=ulysses_degree,
+        ring_degree=ring_degree, pipe_patches=pipe_patches))
     request = GenerateRequest(source=ensemble or expert, is_ensemble=ensemble is not None, out=out,
                               save_tensor=save_tensor, device=device, ray_address=ray_address, stats=stats,
                               pin=[r.strip() for r in pin.split(",")] if pin else None, vae=vae, verbose=verbose)

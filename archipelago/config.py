@@ -202,6 +202,10 @@ class Mode(str, enum.Enum):
     distrifusion = "distrifusion"        # row patches, stale remote K/V exchanged asynchronously (displaced)
     cfg_parallel = "cfg_parallel"        # conditional / unconditional branch on different rank groups
     expert_parallel = "expert_parallel"  # ensemble experts on different ranks, routed velocities all-reduced
+    ulysses = "ulysses"                  # tokens split, all-to-all to split heads in every attention: exact
+    ring = "ring"                        # tokens split, K/V passed round a ring, online softmax: exact
+    usp = "usp"                          # ulysses_degree x ring_degree (unified sequence parallel): exact
+    pipefusion = "pipefusion"            # layer stages x image patches, stale K/V of the other patches
 
 
 class InferenceConfig(_Section):
@@ -214,6 +218,14 @@ class InferenceConfig(_Section):
     patch_mode: Literal["naive_patch", "sync_patch", "distrifusion"] = Field(
         "sync_patch", description="Patch scheme inside cfg_parallel.")
     comm_group_layers: int = Field(1, ge=1, description="DistriFusion: layers per async K/V exchange.")
+    cfg_degree: int | None = Field(None, ge=1, le=2, description="ulysses | ring | usp | pipefusion: 2 puts the "
+                                   "CFG branches on separate rank groups (default 1; cfg_parallel: always 2).")
+    ulysses_degree: int | None = Field(None, ge=1, description="ulysses | usp: ranks splitting the heads "
+                                       "(default: inferred from world_size).")
+    ring_degree: int | None = Field(None, ge=1, description="ring | usp: ranks passing K/V round a ring "
+                                    "(default: inferred from world_size).")
+    pipe_patches: int | None = Field(None, ge=1, description="PipeFusion: patches per image flowing through the "
+                                     "stages (default: the number of stages).")
     routing: str = Field("top-1", pattern=r"^(full|top-\d+|sample-once)$",
                          description="Ensemble routing: full | top-k | sample-once (k ~ p(k|y) once per sample).")
     num_samples: int = Field(64, ge=1, description="Samples per grid.")

@@ -16,7 +16,9 @@ FLAG_FIELDS: dict[str, str] = {
     "mode": "inference.routing", "n": "inference.num_samples", "seed": "inference.seed",
     "parallel": "inference.mode", "world_size": "inference.world_size", "launcher": "inference.launcher",
     "patch_mode": "inference.patch_mode", "warmup_steps": "inference.warmup_steps",
-    "comm_group_layers": "inference.comm_group_layers",
+    "comm_group_layers": "inference.comm_group_layers", "cfg_degree": "inference.cfg_degree",
+    "ulysses_degree": "inference.ulysses_degree", "ring_degree": "inference.ring_degree",
+    "pipe_patches": "inference.pipe_patches",
     "cfg_scale": "expert.cfg_scale", "steps": "expert.sample_steps", "sampler": "expert.sampler",
 }
 

@@ -10,10 +10,13 @@ cluster; every node's link is shaped to each `--rates` value in turn.
               nothing but the storage (the local disk, as a shared filesystem).
     -> wall time and bytes across each link. The DDM claim: near-zero cross-node traffic while training.
 (b) Inference across nodes 1 and 2 (Ray launcher, ranks pinned with node_<i> resources, driver on node 0):
-    sync_patch vs DistriFusion (warm-up 1): latency and bytes per step. Where does async overlap pay off?
+    sync_patch, DistriFusion (warm-up 1), USP as Ulysses 2 and as ring 2, PipeFusion (2 stages x 4 patches):
+    latency, rank 0's wait on communication, bytes per step and bytes across the links, PSNR vs sync_patch.
+    Which mode for which link class?
 
     sudo python benchmarks/interconnect.py                          # 50 Mbit/s and 1 Gbit/s
     sudo python benchmarks/interconnect.py --rates 100mbit --steps 40  # quicker
+    sudo python benchmarks/interconnect.py --skip-train --merge        # inference only, keep training rows
 """
 from __future__ import annotations
 
@@ -129,17 +132,27 @@ def _links(moved: dict[int, Any]) -> dict[str, dict[str, int]]:
 # (b) inference: runs as a driver inside node 0 (`--driver`), prints one JSON line
 # ----------------------------------------------------------------------------------------------------
 
+# Inference layouts across the two nodes (one rank each): the exact ones, then the stale-K/V ones
+INFER_MODES: dict[str, dict[str, Any]] = {
+    "sync_patch": {"mode": "sync_patch"},
+    "distrifusion": {"mode": "distrifusion", "warmup_steps": 1, "comm_group_layers": 1},
+    "usp (ulysses 2 x ring 1)": {"mode": "usp", "ulysses_degree": 2, "ring_degree": 1},
+    "usp (ulysses 1 x ring 2)": {"mode": "usp", "ulysses_degree": 1, "ring_degree": 2},
+    "pipefusion (M=4)": {"mode": "pipefusion", "warmup_steps": 1, "pipe_patches": 4},
+}
+
+
 def driver(args: argparse.Namespace) -> int:
-    """Inside node 0: Ray launcher, ranks pinned to nodes 1 and 2; each mode once warm, then timed."""
+    """Inside node 0: Ray launcher, ranks pinned to nodes 1 and 2; one mode, once warm, then timed; rank 0's
+    samples go to --driver-samples (the parent compares the modes)."""
     import ray
     import torch
 
-    from archipelago.eval.fidelity import psnr
     from archipelago.experts.checkpoint import save_for_inference
     from archipelago.experts.dit import DiT
     from archipelago.inference.config import ParallelConfig
     from archipelago.inference.ray_launcher import launch_ray
-    from archipelago.inference.runner import SamplingSpec
+    from archipelago.inference.runner import SamplingSpec, write_samples
 
     sys.path.insert(0, str(REPO / "benchmarks"))
     from parallel_inference import perturbed
@@ -149,43 +162,48 @@ def driver(args: argparse.Namespace) -> int:
         save_for_inference(perturbed(DiT(**INFER_MODEL), seed=0), url)
     spec = SamplingSpec(experts=[url], num_samples=2, steps=args.infer_steps, device="cpu", seed=0)
     ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=False, logging_level="ERROR")
-    env = {"GLOO_SOCKET_IFNAME": "eth0"}
-    rows = {}
-    ref = None
-    for name, pcfg in (("sync_patch", ParallelConfig(mode="sync_patch", world_size=2)),
-                       ("distrifusion", ParallelConfig(mode="distrifusion", world_size=2, warmup_steps=1,
-                                                       comm_group_layers=1))):
-        res = launch_ray(spec, pcfg, env=env, rank_resources=["node_1", "node_2"], warmup_runs=1,
-                         timeout_s=1800)
-        r0 = res[0]
-        samples = torch.as_tensor(r0.samples)
-        ref = samples if ref is None else ref
-        rows[name] = {"latency_s": max(r.latency_s for r in res),
-                      "bytes_per_step_rank0": r0.comm.get("total_bytes", 0) / spec.steps,
-                      "comm_wait_s_rank0": sum(c["seconds"] for c in r0.comm.get("by_type", {}).values()),
-                      "psnr_vs_sync_db": psnr(samples, ref)}
-    for r in rows.values():
-        if r["psnr_vs_sync_db"] == float("inf"):
-            r["psnr_vs_sync_db"] = "inf"
-    print("RESULT " + json.dumps(rows), flush=True)
+    pcfg = ParallelConfig(world_size=2, **INFER_MODES[args.driver_mode])
+    res = launch_ray(spec, pcfg, env={"GLOO_SOCKET_IFNAME": "eth0"}, rank_resources=["node_1", "node_2"],
+                     warmup_runs=1, timeout_s=1800)
+    r0 = res[0]
+    write_samples(torch.as_tensor(r0.samples), args.driver_samples)
+    print("RESULT " + json.dumps({
+        "describe": pcfg.describe(), "latency_s": max(r.latency_s for r in res),
+        "bytes_per_step_rank0": r0.comm.get("total_bytes", 0) / spec.steps,
+        "bytes_per_step_all_ranks": sum(r.comm.get("total_bytes", 0) for r in res) / spec.steps,
+        "comm_wait_s_rank0": sum(c["seconds"] for c in r0.comm.get("by_type", {}).values()),
+        "comm_by_type_rank0": r0.comm.get("by_type", {})}), flush=True)
     return 0
 
 
-def infer_arms(net: Any, work: Path, steps: int, timeout_s: float) -> dict[str, Any]:
-    with net.phase(f"infer-{time.time()}") as moved:
-        t0 = time.perf_counter()
-        proc = subprocess.run(net.exec_argv(0, [sys.executable, str(Path(__file__).resolve()), "--driver",
-                                                "--driver-expert", str(work / "infer-expert"),
-                                                "--infer-steps", str(steps)]),
-                              env=_env(net), capture_output=True, text=True, timeout=timeout_s, check=False)
-        wall = time.perf_counter() - t0
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-    if proc.returncode != 0 or not lines:
-        raise SystemExit(f"inference driver failed (exit {proc.returncode}): "
-                         f"{proc.stderr.strip().splitlines()[-5:]}")
-    return {"modes": json.loads(lines[-1][len("RESULT "):]), "links_both_modes": _links(moved),
-            "wall_s_incl_start": wall, "steps": steps, "tokens": (INFER_MODEL["input_size"] //
-                                                                   INFER_MODEL["patch_size"]) ** 2}
+def infer_arms(net: Any, work: Path, steps: int, timeout_s: float, modes: list[str]) -> dict[str, Any]:
+    """(b): one driver per mode, each in its own link-counting phase (bytes across links per mode, warm-up
+    and timed run together, plus Ray's own traffic); PSNR of each mode vs sync_patch's samples."""
+    from archipelago.eval.fidelity import psnr
+    from archipelago.inference.runner import read_samples
+
+    rows: dict[str, Any] = {}
+    t0 = time.perf_counter()
+    for mode in modes:
+        samples = work / f"samples-{len(rows)}.safetensors"
+        with net.phase(f"infer-{len(rows)}-{time.time()}") as moved:
+            proc = subprocess.run(net.exec_argv(0, [sys.executable, str(Path(__file__).resolve()), "--driver",
+                                                    "--driver-expert", str(work / "infer-expert"),
+                                                    "--driver-mode", mode, "--driver-samples", str(samples),
+                                                    "--infer-steps", str(steps)]),
+                                  env=_env(net), capture_output=True, text=True, timeout=timeout_s, check=False)
+        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+        if proc.returncode != 0 or not lines:
+            raise SystemExit(f"inference driver ({mode}) failed (exit {proc.returncode}): "
+                             f"{proc.stderr.strip().splitlines()[-5:]}")
+        rows[mode] = {**json.loads(lines[-1][len("RESULT "):]), "links": _links(moved),
+                      "_samples": read_samples(str(samples))}
+    ref = rows[modes[0]]["_samples"]
+    for r in rows.values():
+        p = psnr(r.pop("_samples"), ref)
+        r["psnr_vs_sync_db"] = "inf" if p == float("inf") else p
+    return {"modes": rows, "wall_s_incl_start": time.perf_counter() - t0, "steps": steps,
+            "tokens": (INFER_MODEL["input_size"] // INFER_MODEL["patch_size"]) ** 2}
 
 
 def main() -> int:
@@ -196,9 +214,15 @@ def main() -> int:
     ap.add_argument("--infer-steps", type=int, default=4, help="(b) sampler steps")
     ap.add_argument("--skip-train", action="store_true")
     ap.add_argument("--skip-infer", action="store_true")
+    ap.add_argument("--modes", nargs="+", default=list(INFER_MODES), choices=list(INFER_MODES),
+                    help="(b) inference layouts; the first is the PSNR reference")
+    ap.add_argument("--merge", action="store_true", help="keep the rows of the existing --out file that this "
+                    "run skips (e.g. --skip-train: the training rows of the last full run)")
     ap.add_argument("--out", default=str(RESULTS))
     ap.add_argument("--driver", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--driver-expert", help=argparse.SUPPRESS)
+    ap.add_argument("--driver-mode", help=argparse.SUPPRESS)
+    ap.add_argument("--driver-samples", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.driver:
         return driver(args)
@@ -224,18 +248,34 @@ def main() -> int:
                     print(f"   train {arm:<13} {r['wall_s']:7.1f} s   {moved / 2**20:9.2f} MiB across links",
                           flush=True)
             if not args.skip_infer:
-                row["infer"] = infer_arms(net, work, args.infer_steps, timeout_s=1800)
+                row["infer"] = infer_arms(net, work, args.infer_steps, timeout_s=1800, modes=args.modes)
                 for mode, r in row["infer"]["modes"].items():
-                    print(f"   infer {mode:<13} {r['latency_s']:7.2f} s   "
-                          f"{r['bytes_per_step_rank0'] / 2**20:7.2f} MiB/step rank0   "
-                          f"PSNR vs sync {r['psnr_vs_sync_db']}", flush=True)
+                    moved = sum(v["sent"] + v["received"] for v in r["links"].values())
+                    print(f"   infer {mode:<18} {r['latency_s']:7.2f} s   rank-0 wait {r['comm_wait_s_rank0']:6.2f} s"
+                          f"   {r['bytes_per_step_rank0'] / 2**20:7.2f} MiB/step rank0   {moved / 2**20:8.1f} MiB "
+                          f"across links   PSNR vs sync {r['psnr_vs_sync_db']}", flush=True)
             results[rate] = row
-    md = table(results)
-    print("\n" + md)
-    write_report(args.out, {"benchmark": "interconnect", "created_at": time.time(), "machine": info,
-                            "wall_s": time.perf_counter() - t_start, "settings": vars(args), "rates": results,
-                            "infer_model": INFER_MODEL, "table_md": md})
+    report = {"benchmark": "interconnect", "created_at": time.time(), "machine": info,
+              "loadavg_at_end": os.getloadavg(), "wall_s": time.perf_counter() - t_start, "settings": vars(args),
+              "rates": results, "infer_model": INFER_MODEL}
+    if args.merge and Path(args.out).exists():
+        report = merged(json.loads(Path(args.out).read_text()), report)
+    report["table_md"] = table(report["rates"])
+    print("\n" + report["table_md"])
+    write_report(args.out, report)
     return 0
+
+
+def merged(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """`new`, with each rate's sections it lacks (train / infer) taken from `old`; `carried_over` names them
+    and when `old` ran."""
+    carried = {}
+    for rate, row in new["rates"].items():
+        for section in ("train", "infer"):
+            if section not in row and section in old.get("rates", {}).get(rate, {}):
+                row[section] = old["rates"][rate][section]
+                carried.setdefault(rate, {})[section] = old["created_at"]
+    return {**new, "carried_over": carried}
 
 
 def table(results: dict[str, Any]) -> str:
@@ -246,8 +286,12 @@ def table(results: dict[str, Any]) -> str:
             lines.append(f"| {rate} | train: {arm} | {r['wall_s']:.1f} | {moved:.2f} | final loss "
                          f"{r['final_loss']} |")
         for mode, r in ((row.get("infer") or {}).get("modes") or {}).items():
-            lines.append(f"| {rate} | infer: {mode} (2 nodes) | {r['latency_s']:.2f} | "
-                         f"{r['bytes_per_step_rank0'] / 2**20:.2f} per step (rank 0 received) | comm wait "
+            links = r.get("links")
+            mib = (sum(v["sent"] + v["received"] for v in links.values()) / 2**20 if links
+                   else r.get("mib_across_links_all_nodes"))
+            across = "" if mib is None else f"{mib:.1f} in all; "
+            lines.append(f"| {rate} | infer: {mode} (2 nodes) | {r['latency_s']:.2f} | {across}"
+                         f"{r['bytes_per_step_rank0'] / 2**20:.2f} per step (rank 0 received) | rank-0 comm wait "
                          f"{r['comm_wait_s_rank0']:.2f} s, PSNR vs sync {r['psnr_vs_sync_db']} |")
     return "\n".join(lines)
 

@@ -13,7 +13,7 @@ single-device output from the same noise (the baseline named in the row).
 The latency tables use DiTs with random weights perturbed fan-in-scaled (see `perturbed`): the adaLN-Zero
 init would output exactly 0, and no trained model of these sizes exists offline. Stale-K/V quality
 depends on how smoothly a model's activations change between steps, so the quality that matters is the
-`trained` section: a digits expert trained here, DistriFusion / naive patches vs one device in PSNR and in
+`trained` section: a digits expert trained here, DistriFusion / PipeFusion / naive patches vs one device in PSNR and in
 Fréchet distance in the digits classifier's features (the offline stand-in for FID; LPIPS needs weights
 we cannot download).
 """
@@ -51,6 +51,9 @@ def model_args(size: int) -> dict[str, Any]:
 def tokens(size: int) -> int:
     return (size // MODEL["patch_size"]) ** 2
 WEIGHT_GAIN = 0.5
+PIPE_PATCHES = 4   # PipeFusion patches per image: a bubble of (N-1)/(M+N-1) per evaluation
+SPLIT_MODES = ("naive_patch", "sync_patch", "distrifusion (warmup 1, group 1)", "ulysses", "ring",
+               "usp (ulysses 2 x ring 2)", f"pipefusion (warmup 1, M={PIPE_PATCHES})")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -101,7 +104,7 @@ def save_router(num_experts: int, url: str, seed: int, size: int) -> str:
 # ----------------------------------------------------------------------------------------------------
 
 def plan(worlds: list[int], expert: str, ensembles: dict[int, tuple[list[str], str]], steps: int,
-         num_samples: int) -> list[dict[str, Any]]:
+         num_samples: int, quick: bool = False) -> list[dict[str, Any]]:
     """(name, baseline, spec, pcfg, threads) of every row, baselines first."""
     base = SamplingSpec(experts=[expert], num_samples=num_samples, steps=steps, device="cpu", seed=0)
     cfg = base.model_copy(update={"cfg_scale": 2.0})
@@ -130,6 +133,15 @@ def plan(worlds: list[int], expert: str, ensembles: dict[int, tuple[list[str], s
                 world_size=w, patch_mode="sync_patch")
             add(f"cfg_parallel x distrifusion ({w // 2})", "single +CFG", cfg, mode="cfg_parallel",
                 world_size=w, patch_mode="distrifusion", warmup_steps=1)
+        add("ulysses", "single", base, mode="ulysses", world_size=w)
+        if not quick:
+            add("ring", "single", base, mode="ring", world_size=w)
+        if w >= 4:
+            add(f"usp (ulysses 2 x ring {w // 2})", "single", base, mode="usp", world_size=w, ulysses_degree=2)
+            add(f"cfg_parallel x ulysses ({w // 2})", "single +CFG", cfg, mode="ulysses", world_size=w,
+                cfg_degree=2)
+        add(f"pipefusion (warmup 1, M={PIPE_PATCHES})", "single", base, mode="pipefusion", world_size=w,
+            warmup_steps=1, pipe_patches=PIPE_PATCHES)
         if w in ensembles:
             urls, router = ensembles[w]
             add(f"expert_parallel K={w} top-1", f"single ensemble K={w} top-1",
@@ -199,6 +211,8 @@ def trained_quality(work: Path, worlds: list[int], steps_list: list[int], n: int
             for name, pcfg in (("naive_patch", ParallelConfig(mode="naive_patch", world_size=w)),
                                ("distrifusion", ParallelConfig(mode="distrifusion", world_size=w,
                                                                warmup_steps=1)),
+                               ("pipefusion", ParallelConfig(mode="pipefusion", world_size=w, warmup_steps=1,
+                                                             pipe_patches=PIPE_PATCHES)),
                                ("sync_patch", ParallelConfig(mode="sync_patch", world_size=w))):
                 got = launch_local(spec, pcfg, timeout_s=1200)[0].samples
                 p = psnr(got, ref)
@@ -245,7 +259,7 @@ def table(rows: list[dict[str, Any]]) -> str:
 
 
 def run_size(size: int, worlds: list[int], steps: int, num_samples: int, timed_runs: int,
-             tmp: str) -> list[dict[str, Any]]:
+             tmp: str, only: list[str] | None = None) -> list[dict[str, Any]]:
     expert = save_expert(perturbed(DiT(**model_args(size)), seed=0), f"{tmp}/s{size}/expert")
     ensembles = {}
     for k in sorted({w for w in worlds if w > 1}):
@@ -253,7 +267,12 @@ def run_size(size: int, worlds: list[int], steps: int, num_samples: int, timed_r
                 for i in range(k)]
         ensembles[k] = (urls, save_router(k, f"{tmp}/s{size}/ens{k}/router", seed=k, size=size))
     done: dict[str, dict[str, Any]] = {}
-    for row in plan(worlds, expert, ensembles, steps, num_samples):
+    rows = plan(worlds, expert, ensembles, steps, num_samples, quick=only == ["quick"])
+    if only and only != ["quick"]:   # the rows named, and the baselines they are measured against
+        keep = {r["name"] for r in rows if any(o in r["name"] for o in only)}
+        keep |= {r["baseline"] for r in rows if r["name"] in keep}
+        rows = [r for r in rows if r["name"] in keep]
+    for row in rows:
         print(f"-- {tokens(size)} tokens: {row['name']} ({row['pcfg'].describe()})", flush=True)
         res = run_row(row, timed_runs)
         base = done.get(f"{row['baseline']}@1") if row["baseline"] else None
@@ -269,14 +288,14 @@ def run_size(size: int, worlds: list[int], steps: int, num_samples: int, timed_r
 
 
 def crossover(tables: dict[int, list[dict[str, Any]]]) -> list[dict[str, Any]]:
-    """Per resolution and world size: speedup of the patch modes over one device with one thread and with
+    """Per resolution and world size: speedup of the modes that split one image over one device with one thread and with
     as many threads as the ranks use together (the fair CPU baseline)."""
     out = []
     for size, rows in tables.items():
         by = {(r["name"], r["world_size"]): r for r in rows}
         single, single2 = by.get(("single", 1)), by.get(("single (2 threads)", 1))
         for (name, w), r in by.items():
-            if w == 1 or name not in ("naive_patch", "sync_patch", "distrifusion (warmup 1, group 1)"):
+            if w == 1 or name not in SPLIT_MODES:
                 continue
             out.append({"tokens": tokens(size), "mode": name, "world_size": w,
                         "speedup_vs_1_thread": single["latency_s"] / r["latency_s"],
@@ -297,6 +316,8 @@ def main() -> int:
     ap.add_argument("--quality-samples", type=int, default=256)
     ap.add_argument("--train-steps", type=int, default=400, help="steps of the trained digits expert")
     ap.add_argument("--quick", action="store_true", help="smoke run: tiny sizes and counts")
+    ap.add_argument("--only", nargs="+", help="run only the rows whose name contains one of these (and their "
+                    "baselines), e.g. --only ulysses ring usp pipefusion")
     ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args()
     if args.quick:
@@ -310,7 +331,8 @@ def main() -> int:
     info = machine()
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="arch-bench-") as tmp:
-        tables = {size: run_size(size, args.worlds, args.steps, args.num_samples, args.timed_runs, tmp)
+        only = ["quick"] if args.quick else args.only
+        tables = {size: run_size(size, args.worlds, args.steps, args.num_samples, args.timed_runs, tmp, only)
                   for size in args.sizes}
         quality = (trained_quality(Path(tmp), args.worlds, args.quality_steps, args.quality_samples,
                                    args.train_steps) if args.quality_steps else None)
@@ -337,7 +359,7 @@ def main() -> int:
         print("\ntrained digits expert, quality vs one device:\n" + trained_table(quality))
     report = {
         "benchmark": "parallel_inference", "created_at": time.time(), "wall_s": time.perf_counter() - t0,
-        "machine": info, "quick": args.quick,
+        "machine": info, "quick": args.quick, "only": args.only,
         "sampling": {"steps": args.steps, "num_samples": args.num_samples, "sampler": "euler",
                      "cfg_scale_for_cfg_rows": 2.0, "timed_runs": args.timed_runs, "warmup_runs": 1,
                      "weights": f"random init + N(0, ({WEIGHT_GAIN}/sqrt(fan_in))^2) weight perturbation, "
@@ -346,8 +368,13 @@ def main() -> int:
             ("latency: fastest timed run, slowest rank; peak mem: CPU RSS high-water mark during the timed "
              "run minus RSS before it (largest rank); bytes: what rank 0 receives (all_gather: (n-1) x "
              "local, all_reduce: 2(n-1)/n x size), per sampler step"),
-            (f"{info['cpu_count']} CPU cores (load average at start {info['loadavg_at_start']}): world 4 "
-             "oversubscribes them; 'single (2 threads)' is the fair baseline for world 2"),
+            (f"{info['cpu_count']} CPU cores (load average at start {info['loadavg_at_start']}, at end "
+             f"{os.getloadavg()}): world 4 oversubscribes them; 'single (2 threads)' is the fair baseline for "
+             "world 2; the machine was shared with other jobs, so latencies carry that noise"),
+            ("ulysses / ring / usp are exact (PSNR inf or float rounding); their bytes are all-to-all "
+             "(attn_a2a: (n-1)/n of q,k,v out and o back) and ring hops (attn_ring: this rank's K/V per hop); "
+             "pipefusion moves hidden states of one patch between stages (pipe_hidden) and broadcasts the "
+             "velocity (output), never K/V"),
         ],
         "tables": report_tables, "crossover": cross, "trained": quality,
     }

@@ -1,5 +1,6 @@
-"""Distributed inference for experts and ensembles: patch parallelism (naive, sync, DistriFusion), CFG
-parallel and expert parallel, applied from outside the model; launched by torchrun or Ray actors.
+"""Distributed inference for experts and ensembles: patch parallelism (naive, sync, DistriFusion), sequence
+parallelism (Ulysses, ring, USP), PipeFusion, CFG parallel and expert parallel, applied from outside the
+model; launched by torchrun or Ray actors.
 
 Public API: ParallelConfig / Mode (layout), Comm (accounted collectives), parallelize_for_inference,
 parallel_sample, run_parallel_sampling / SamplingSpec (the per-rank entry point), launch_ray.

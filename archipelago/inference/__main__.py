@@ -6,6 +6,13 @@
     # CFG branches on 2 ranks x sync patches on 2 ranks:
     torchrun --nproc-per-node 4 -m archipelago.inference --expert CKPT --mode cfg_parallel \\
         --patch-mode sync_patch --cfg-scale 2 --out x.safetensors
+    # sequence parallel (exact): Ulysses 2 x ring 2, or CFG branches x Ulysses; PipeFusion in 2 stages:
+    torchrun --nproc-per-node 4 -m archipelago.inference --expert CKPT --mode usp --ulysses-degree 2 \
+        --ring-degree 2 --out x.safetensors
+    torchrun --nproc-per-node 4 -m archipelago.inference --expert CKPT --mode ulysses --cfg-degree 2 \
+        --cfg-scale 2 --out x.safetensors
+    torchrun --nproc-per-node 2 -m archipelago.inference --expert CKPT --mode pipefusion --pipe-patches 4 \
+        --warmup-steps 2 --out x.safetensors
     # experts on different ranks, top-1 routing:
     torchrun --nproc-per-node 2 -m archipelago.inference --expert E0 --expert E1 --router R \\
         --mode expert_parallel --routing top-1 --out x.safetensors
@@ -26,7 +33,7 @@ import torch.distributed as dist
 from archipelago.errors import ArchipelagoError, ConfigError
 from archipelago.inference.config import Mode, ParallelConfig
 from archipelago.inference.rank import process_group, rank_device, rank_error_line, rank_exit
-from archipelago.inference.runner import SamplingSpec, check_patch_rows, run_parallel_sampling
+from archipelago.inference.runner import SamplingSpec, check_layout_fits_expert, run_parallel_sampling
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -41,6 +48,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--patch-degree", type=int)
     p.add_argument("--cfg-degree", type=int)
     p.add_argument("--expert-degree", type=int)
+    p.add_argument("--ulysses-degree", type=int, help="ulysses | usp: ranks splitting the heads")
+    p.add_argument("--ring-degree", type=int, help="ring | usp: ranks passing K/V round a ring")
+    p.add_argument("--pipe-degree", type=int, help="pipefusion: layer stages")
+    p.add_argument("--pipe-patches", type=int, help="pipefusion: patches per image (default: the stages)")
     p.add_argument("--patch-mode", default="sync_patch",
                    choices=["naive_patch", "sync_patch", "distrifusion"])
     p.add_argument("--warmup-steps", type=int, default=1)
@@ -65,7 +76,8 @@ def _spec_and_layout(args: argparse.Namespace) -> tuple[SamplingSpec, ParallelCo
         pcfg = ParallelConfig.create(
             mode=args.mode, world_size=world, patch_degree=args.patch_degree, cfg_degree=args.cfg_degree,
             expert_degree=args.expert_degree, patch_mode=args.patch_mode, warmup_steps=args.warmup_steps,
-            comm_group_layers=args.comm_group_layers)
+            comm_group_layers=args.comm_group_layers, ulysses_degree=args.ulysses_degree,
+            ring_degree=args.ring_degree, pipe_degree=args.pipe_degree, pipe_patches=args.pipe_patches)
     if pcfg.world_size != world:
         raise ConfigError(f"{pcfg.describe()} needs {pcfg.world_size} processes, torchrun started {world}")
     if args.spec_json:
@@ -82,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         spec, pcfg = _spec_and_layout(args)
-        check_patch_rows(spec, pcfg)   # one line on every rank, before a rendezvous that could wait forever
+        check_layout_fits_expert(spec, pcfg)   # one line on every rank, before a rendezvous that could wait forever
         # joined here (not inside run_parallel_sampling) so the ranks' summaries can be gathered after
         with process_group(pcfg.world_size, None, None, rank_device(spec.device)):
             result = run_parallel_sampling(spec, pcfg)

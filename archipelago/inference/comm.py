@@ -6,8 +6,9 @@ an async all-gather is timed where its owner waits on it (the communication that
 
 Byte convention (what this rank receives over the wire, independent of the backend's algorithm):
 all_gather: (group_size - 1) x local bytes; all_reduce: 2 (group_size - 1) / group_size x bytes (a ring
-reduce-scatter + all-gather); point to point: the tensor's bytes, counted once, by the sender (`recv`
-adds only the time it waited, so a ring's bytes are not counted twice).
+reduce-scatter + all-gather); all_to_all: (group_size - 1) / group_size x bytes (every chunk but this rank's
+own); point to point: the tensor's bytes, counted once, by the sender (`recv` adds only the time it waited,
+so a ring's bytes are not counted twice).
 """
 from __future__ import annotations
 
@@ -70,6 +71,22 @@ class AsyncGather:
             self._work.wait()
             self._comm._time(self._layer_type, token)
             self._work = None
+        return self._out
+
+
+class RingPass:
+    """Handle of one ring hop (`Comm.ring_pass`): `wait()` returns the tensor the previous member sent."""
+
+    def __init__(self, comm: Comm, works: list[Any], out: torch.Tensor, sent: torch.Tensor, layer_type: str):
+        self._comm, self._works, self._out, self._sent, self._layer_type = comm, works, out, sent, layer_type
+
+    def wait(self) -> torch.Tensor:
+        if self._works:
+            token = self._comm._clock()
+            for work in self._works:
+                work.wait()
+            self._comm._time(self._layer_type, token)
+            self._works, self._sent = [], None    # the send buffer may be freed now
         return self._out
 
 
@@ -187,6 +204,45 @@ class Comm:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group.pg)
         self._time(layer_type, t0)
         self._count(layer_type, 2 * (group.size - 1) / group.size * _nbytes(tensor))
+        return tensor
+
+    def all_to_all(self, tensor: torch.Tensor, group: Group, layer_type: str) -> torch.Tensor:
+        """Blocking all-to-all over dim 0 (size = group size): chunk j goes to member j; returns, at index j,
+        the chunk member j sent to this rank (Ulysses' head <-> token re-sharding)."""
+        if group.size == 1:
+            return tensor
+        if tensor.shape[0] != group.size:
+            raise ValueError(f"all_to_all: dim 0 is {tensor.shape[0]}, the group has {group.size} members")
+        tensor = tensor.contiguous()
+        out = torch.empty_like(tensor)
+        t0 = self._clock()
+        dist.all_to_all_single(out, tensor, group=group.pg)
+        self._time(layer_type, t0)
+        self._count(layer_type, (group.size - 1) / group.size * _nbytes(tensor))
+        return out
+
+    def ring_pass(self, tensor: torch.Tensor, group: Group, layer_type: str) -> RingPass:
+        """Non-blocking ring hop: send `tensor` to the next member, receive the previous member's into a new
+        tensor of the same shape; the caller computes while it travels and `wait()`s before using it."""
+        tensor = tensor.contiguous()
+        nxt = group.ranks[(group.index + 1) % group.size]
+        prv = group.ranks[(group.index - 1) % group.size]
+        out = torch.empty_like(tensor)
+        # One isend and one irecv per hop, posted in rank order so gloo pairs them the same way everywhere.
+        ops = [dist.P2POp(dist.isend, tensor, nxt), dist.P2POp(dist.irecv, out, prv)]
+        works = dist.batch_isend_irecv(ops)
+        self._count(layer_type, _nbytes(tensor), is_async=True)
+        return RingPass(self, works, out, tensor, layer_type)
+
+    def broadcast(self, tensor: torch.Tensor, src: int, group: Group, layer_type: str) -> torch.Tensor:
+        """Blocking in-place broadcast from global rank `src`; each receiver counts the bytes it got."""
+        if group.size == 1:
+            return tensor
+        t0 = self._clock()
+        dist.broadcast(tensor, src, group=group.pg)
+        self._time(layer_type, t0)
+        if self.rank != src:
+            self._count(layer_type, _nbytes(tensor))
         return tensor
 
     def send(self, tensor: torch.Tensor, dst: int, layer_type: str) -> None:

@@ -22,7 +22,7 @@ from archipelago.errors import ConfigError
 from archipelago.inference.config import ParallelConfig
 from archipelago.inference.runner import (
     SamplingSpec,
-    check_patch_rows,
+    check_layout_fits_expert,
     read_samples,
     run_parallel_sampling,
 )
@@ -49,14 +49,20 @@ def resolve_members(source: str) -> tuple[list[str], str | None, dict[str, Any],
 def sampling_spec(source: str, routing: str = "top-1", n: int = 16, cfg_scale: float = 1.0, seed: int = 0,
                   steps: int = 32, sampler: str = "euler", device: str = "auto",
                   compile: bool = False) -> SamplingSpec:
-    """The SamplingSpec of `archipelago generate`: classes 0..C-1 repeated (as the single-device path)."""
+    """The SamplingSpec of `archipelago generate`: classes 0..C-1 repeated (as the single-device path); a
+    video expert samples clips of its training length (meta.json's image_shape [C, F, H, W])."""
     experts, router, record, class_counts = resolve_members(source)
-    if record.get("class") not in (None, "DiT"):
-        raise ConfigError(f"{source}: a {record.get('class')} expert; videos use `archipelago generate-video`")
+    if record.get("class") not in (None, "DiT", "VideoDiT"):
+        raise ConfigError(f"{source}: a {record.get('class')} expert cannot be sampled in parallel")
+    shape = None
+    if record.get("class") == "VideoDiT":   # the clip length is not part of the model: the training clips'
+        from archipelago.experts.checkpoint import read_meta
+
+        shape = read_meta(experts[0]).get("image_shape")
     num_classes = int((record.get("args") or {}).get("num_classes", 1))
     labels = [i % max(num_classes, 1) for i in range(n)]
     return SamplingSpec(experts=experts, router=router, routing=routing, class_counts=class_counts,
-                        num_samples=n, labels=labels,
+                        num_samples=n, labels=labels, sample_shape=shape,
                         seed=seed, steps=steps, sampler=sampler, cfg_scale=cfg_scale, device=device,
                         compile=compile)
 
@@ -70,7 +76,7 @@ def generate_parallel(spec: SamplingSpec, pcfg: ParallelConfig, launcher: str = 
     if launcher not in LAUNCHERS:
         raise ConfigError(f"--launcher {launcher!r}; allowed: {' | '.join(LAUNCHERS)}")
     spec = spec.model_copy(update={"out": None})
-    check_patch_rows(spec, pcfg)   # one line here, before any process or actor starts
+    check_layout_fits_expert(spec, pcfg)   # one line here, before any process or actor starts
     if pcfg.world_size == 1:
         r = run_parallel_sampling(spec, pcfg)
         return r.samples, [r.summary()]

@@ -15,8 +15,9 @@ import torch
 from torch import nn
 
 from archipelago.errors import ConfigError, NotYetImplemented
+from archipelago.inference import pipefusion, sequence
 from archipelago.inference.comm import Comm, Group
-from archipelago.inference.config import Mode, ParallelConfig, experts_for_rank
+from archipelago.inference.config import SEQUENCE_MODES, Mode, ParallelConfig, experts_for_rank
 from archipelago.inference.distrifusion import DisplacedKVExchange
 from archipelago.inference.patch import LAYER_TWINS, ROOT_TWINS, PatchContext
 
@@ -66,8 +67,9 @@ class _Local(StepAware):
         return self.module(x, t, y)
 
 
-class PatchParallel(StepAware):
-    """Root twin of a patch scheme, as a step-aware model_fn."""
+class SplitParallel(StepAware):
+    """Root twin of a mode that splits one sample over ranks (patches, sequence chunks, pipeline stages), as a
+    step-aware model_fn."""
 
     def __init__(self, root: nn.Module):
         super().__init__()
@@ -155,20 +157,37 @@ class ExpertParallel(StepAware):
 # Entry point
 # ----------------------------------------------------------------------------------------------------
 
-def _patch_parallel(model: nn.Module, scheme: Mode, pcfg: ParallelConfig, comm: Comm,
-                    group: Group) -> StepAware:
-    root_twin = ROOT_TWINS.get(type(model))
+def _apply_twins(model: nn.Module, mode: Mode, root_twins: Mapping[type[nn.Module], type[nn.Module]],
+                 layer_twins: Mapping[type[nn.Module], type[nn.Module]], ctx: object,
+                 group: Group) -> StepAware:
+    """Swap the layer twins into `model`, wrap its root: what every image-splitting mode does."""
+    root_twin = root_twins.get(type(model))
     if root_twin is None:
-        raise NotYetImplemented(f"{scheme.value}: no patch-parallel twin for {type(model).__name__} "
-                                f"(supported: {', '.join(c.__name__ for c in ROOT_TWINS)})")
-    ctx = PatchContext(comm=comm, group=group, scheme=scheme, warmup_steps=pcfg.warmup_steps,
-                       comm_group_layers=pcfg.comm_group_layers)
-    swapped = swap_twins(model, LAYER_TWINS[scheme], ctx)
-    if scheme is Mode.distrifusion:
+        raise NotYetImplemented(f"{mode.value}: no parallel twin for {type(model).__name__} "
+                                f"(supported: {', '.join(c.__name__ for c in root_twins)})")
+    swapped = swap_twins(model, layer_twins, ctx)
+    if mode is Mode.distrifusion:
         ctx.exchange = DisplacedKVExchange(ctx)
-    log.info("%s: %d layers wrapped, rank %d of patch group %s", scheme.value, swapped, group.index,
-             group.ranks)
-    return PatchParallel(root_twin(model, ctx))
+    log.info("%s: %d layers wrapped, rank %d of group %s", mode.value, swapped, group.index, group.ranks)
+    return SplitParallel(root_twin(model, ctx))
+
+
+def _image_parallel(model: nn.Module, pcfg: ParallelConfig, comm: Comm, group: Group) -> StepAware:
+    """The twin layout of `pcfg` over `group` (the ranks sharing one sample), or the plain model."""
+    scheme = pcfg.patch_scheme
+    if scheme is not None:
+        ctx = PatchContext(comm=comm, group=group, scheme=scheme, warmup_steps=pcfg.warmup_steps,
+                           comm_group_layers=pcfg.comm_group_layers)
+        return _apply_twins(model, scheme, ROOT_TWINS, LAYER_TWINS[scheme], ctx, group)
+    if pcfg.mode in SEQUENCE_MODES:   # both sub-partitions on every rank, in the same order
+        ctx = sequence.SequenceContext(comm=comm, group=group, ulysses=comm.my_group(pcfg.ulysses_groups()),
+                                       ring=comm.my_group(pcfg.ring_groups()))
+        return _apply_twins(model, pcfg.mode, sequence.ROOT_TWINS, sequence.LAYER_TWINS, ctx, group)
+    if pcfg.mode is Mode.pipefusion:
+        ctx = pipefusion.PipeContext(comm=comm, group=group, num_patches=pcfg.num_pipe_patches,
+                                     warmup_steps=pcfg.warmup_steps)
+        return _apply_twins(model, pcfg.mode, pipefusion.ROOT_TWINS, pipefusion.LAYER_TWINS, ctx, group)
+    return _Local(model)
 
 
 def ensemble_parts(ensemble: object) -> tuple[Sequence[nn.Module], RouteFn, int]:
@@ -227,8 +246,7 @@ def parallelize_for_inference(model: nn.Module | object, pcfg: ParallelConfig, c
         mine = experts_for_rank(len(experts), pcfg.expert_degree, inner_group.index)
         return ExpertParallel({k: experts[k] for k in mine}, route, len(experts), num_classes, comm,
                               inner_group)
-    scheme = pcfg.patch_scheme
-    inner = _patch_parallel(model, scheme, pcfg, comm, inner_group) if scheme is not None else _Local(model)
+    inner = _image_parallel(model, pcfg, comm, inner_group)
     if pcfg.cfg_degree > 1:
         return CfgParallel(inner, comm, cfg_group)
     return inner

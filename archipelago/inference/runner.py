@@ -20,7 +20,7 @@ from torch import nn
 from archipelago.errors import ConfigError
 from archipelago.experts.sampling import SAMPLERS, euler_step, guided_velocity, heun_step, timesteps
 from archipelago.inference.comm import Comm
-from archipelago.inference.config import Mode, ParallelConfig, experts_for_rank
+from archipelago.inference.config import Mode, ParallelConfig, check_layout_fits, experts_for_rank
 from archipelago.inference.measure import PeakMemory, param_bytes
 from archipelago.inference.parallelize import StepAware, parallelize_expert_shard, parallelize_for_inference
 from archipelago.inference.progress import StepFile
@@ -39,6 +39,9 @@ class SamplingSpec(BaseModel):
     class_counts: list[list[int]] | None = Field(
         None, description="Per-shard class counts [K][C] of the ensemble's data (sample-once routing).")
     num_samples: int = Field(4, ge=1, description="Images in the batch.")
+    sample_shape: list[int] | None = Field(
+        None, description="One sample [C, H, W], or [C, F, H, W] for a video expert (its frame count is not "
+        "part of the model); default: the expert's [C, input_size, input_size].")
     labels: list[int] | None = Field(None, description="Class labels (default: seeded random classes).")
     seed: int = Field(0, description="Noise (and label) seed: same on every rank.")
     steps: int = Field(8, ge=1, description="Sampler steps.")
@@ -152,7 +155,7 @@ def build_model_fn(spec: SamplingSpec, pcfg: ParallelConfig, comm: Comm, device:
     """
     if len(spec.experts) == 1 and spec.router is None:
         model = _load_expert(spec.experts[0], spec, device)
-        shape = (model.in_channels, model.input_size, model.input_size)
+        shape = tuple(spec.sample_shape or (model.in_channels, model.input_size, model.input_size))
         return parallelize_for_inference(model, pcfg, comm), shape, model.num_classes, param_bytes(model)
     from archipelago.ensemble import Ensemble
     from archipelago.router import load_router
@@ -182,27 +185,22 @@ def build_model_fn(spec: SamplingSpec, pcfg: ParallelConfig, comm: Comm, device:
     return fn, shape, first.num_classes, held
 
 
-def check_patch_rows(spec: SamplingSpec, pcfg: ParallelConfig) -> None:
-    """Fail before the rendezvous (one line on every rank) when the patch degree does not divide the token
-    rows of the expert, instead of after every rank has joined the group and loaded its weights."""
+def check_layout_fits_expert(spec: SamplingSpec, pcfg: ParallelConfig) -> None:
+    """Fail before the rendezvous (one line on every rank) when the layout does not fit the expert (rows,
+    tokens or heads not divisible, too few blocks, a mode its kind lacks), from its metadata only, instead
+    of after every rank has joined the group and loaded its weights."""
     from archipelago.errors import CheckpointError
     from archipelago.experts.checkpoint import read_meta
 
-    if pcfg.patch_scheme is None or pcfg.patch_degree == 1:
+    if pcfg.world_size == 1:
         return
     try:
-        record = read_meta(spec.experts[0]).get("model") or {}
+        meta = read_meta(spec.experts[0])
     except CheckpointError:
         return   # reported with its own line where the expert is loaded
-    args = record.get("args") or {}
-    size, patch = args.get("input_size"), args.get("patch_size")
-    if (record.get("class") == "DiT" and isinstance(size, int) and isinstance(patch, int) and patch > 0
-            and (size // patch) % pcfg.patch_degree):
-        rows = size // patch
-        fits = [d for d in range(1, rows + 1) if rows % d == 0]
-        raise ConfigError(f"{spec.experts[0]}: patch_degree={pcfg.patch_degree} ({pcfg.describe()}) must divide "
-                          f"the {rows} token rows of the latent (input_size {size} / patch_size {patch}); use a "
-                          f"patch degree (the world size of a patch mode) in {fits}")
+    record = meta.get("model") or {}
+    check_layout_fits(pcfg, record.get("class"), record.get("args") or {},
+                      spec.sample_shape or meta.get("image_shape"), where=spec.experts[0])
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -222,7 +220,7 @@ def run_parallel_sampling(spec: SamplingSpec, pcfg: ParallelConfig, rank: int | 
     spec = SamplingSpec.model_validate(spec)
     pcfg = ParallelConfig.model_validate(pcfg)
     device = rank_device(spec.device)
-    check_patch_rows(spec, pcfg)
+    check_layout_fits_expert(spec, pcfg)
     with process_group(pcfg.world_size, rank, init_method, device):
         comm = Comm(device)
         if comm.world_size != pcfg.world_size:

@@ -54,7 +54,10 @@ def test_parallel_inference_quick_writes_tables_crossover_and_trained_quality(tm
     report = json.loads(out.read_text())
     rows = report["tables"]["64"]["rows"]
     names = {(r["name"], r["world_size"]) for r in rows}
-    assert {("single", 1), ("sync_patch", 2), ("naive_patch", 2), ("cfg_parallel", 2)} <= names
-    sync = next(r for r in rows if r["name"] == "sync_patch")
-    assert sync["psnr_db"] == "inf" and sync["bytes_per_step_rank0"] > 0
+    assert {("single", 1), ("sync_patch", 2), ("naive_patch", 2), ("cfg_parallel", 2), ("ulysses", 2)} <= names
+    for exact in ("sync_patch", "ulysses"):
+        row = next(r for r in rows if r["name"] == exact)
+        assert row["psnr_db"] == "inf" and row["bytes_per_step_rank0"] > 0, row
+    pipe = next(r for r in rows if r["name"].startswith("pipefusion"))
+    assert "attn_kv" not in pipe["comm_by_type_rank0"] and pipe["comm_by_type_rank0"]["pipe_hidden"]["bytes"] > 0
     assert report["crossover"] and report["trained"]["rows"][0]["sync_patch@2"]["psnr_db"] == "inf"

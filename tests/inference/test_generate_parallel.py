@@ -1,6 +1,7 @@
 """`archipelago generate --parallel ...` end to end on *trained* tiny experts (digits, K=2): every launcher
 gives the single-device samples for the exact modes, DistriFusion stays close on a model that learned
-(stale K/V quality depends on real, smooth-in-t activations, which random weights do not have), and
+(stale K/V quality depends on real, smooth-in-t activations, which random weights do not have), so does
+PipeFusion, and
 expert_parallel over an ensemble.json equals the single-process ensemble."""
 from __future__ import annotations
 
@@ -95,15 +96,21 @@ def test_expert_parallel_cli_equals_the_single_process_ensemble(trained, cli, tm
 
 
 @pytest.mark.timeout(300)
-def test_distrifusion_on_a_trained_expert_is_close_to_single_device(trained):
+def test_stale_kv_modes_on_a_trained_expert_are_close_to_single_device(trained):
+    """DistriFusion (stale K/V of the other bands) and PipeFusion (stale K/V of the later patches, 2 stages
+    x 4 patches) after one synchronous step, against one device and against naive patches."""
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     spec = sampling_spec(trained["expert"], n=8, steps=16, seed=0, device="cpu")
     ref = launch_local(spec, ParallelConfig())[0].samples
     got = {}
     for name, pcfg in (("distrifusion", ParallelConfig(mode="distrifusion", world_size=2, warmup_steps=1)),
+                       ("pipefusion", ParallelConfig(mode="pipefusion", world_size=2, warmup_steps=1,
+                                                     pipe_patches=4)),
                        ("naive", ParallelConfig(mode="naive_patch", world_size=2))):
         got[name] = psnr(launch_local(spec, pcfg, timeout_s=240)[0].samples, ref)
     print(f"trained expert, 16 steps, world 2: DistriFusion {got['distrifusion']:.1f} dB, "
-          f"naive patch {got['naive']:.1f} dB")
+          f"PipeFusion {got['pipefusion']:.1f} dB, naive patch {got['naive']:.1f} dB")
     assert got["distrifusion"] > 30.0, got
     assert got["distrifusion"] > got["naive"] + 4.0, got
+    assert got["pipefusion"] > 30.0, got
+    assert got["pipefusion"] > got["naive"] + 4.0, got

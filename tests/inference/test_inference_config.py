@@ -38,7 +38,7 @@ def test_degree_product_mismatch_lists_every_degree():
 
 
 @pytest.mark.parametrize("kwargs,match", [
-    ({"mode": "pipefusion"}, "mode"),                                   # unknown mode
+    ({"mode": "tensor_parallel"}, "mode"),                              # unknown mode
     ({"mode": "sync_patch", "world_size": 2, "split": "columns"}, "split"),
     ({"mode": "sync_patch", "world_size": 2, "bogus": 1}, "bogus"),     # unknown field
     ({"mode": "single", "world_size": 2}, "single"),
@@ -107,3 +107,52 @@ def test_topk_weights_and_psnr():
     ref = torch.linspace(-1, 1, 100)
     assert psnr(ref, ref) == float("inf")
     assert psnr(ref + 0.02, ref) == pytest.approx(20 * torch.log10(torch.tensor(2 / 0.02)).item(), rel=1e-6)
+
+
+def test_sequence_and_pipeline_degrees_multiply_with_cfg():
+    c = ParallelConfig(mode="usp", world_size=8, cfg_degree=2)
+    assert (c.ulysses_degree, c.ring_degree, c.cfg_degree, c.inner_degree) == (2, 2, 2, 4)
+    assert c.ulysses_groups() == [[0, 1], [2, 3], [4, 5], [6, 7]]
+    assert c.ring_groups() == [[0, 2], [1, 3], [4, 6], [5, 7]]
+    assert c.cfg_groups() == [[0, 4], [1, 5], [2, 6], [3, 7]]
+    assert ParallelConfig(mode="usp", world_size=8, ring_degree=4).ulysses_degree == 2
+    assert ParallelConfig(mode="ring", world_size=4, cfg_degree=2).ring_degree == 2
+    c = ParallelConfig(mode="pipefusion", world_size=4)
+    assert (c.pipe_degree, c.num_pipe_patches) == (4, 4)
+    assert ParallelConfig(mode="pipefusion", world_size=2, pipe_patches=8).describe() == \
+        "pipefusion world=2 stages=2 patches=8 cfg=1 warmup=1"
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"mode": "ulysses", "world_size": 4, "ulysses_degree": 3},
+     ("ulysses_degree=3 x ring_degree=1 x pipe_degree=1 x patch_degree=1 x cfg_degree=1 x expert_degree=1 = 3 "
+      "!= world_size=4")),
+    ({"mode": "ulysses", "world_size": 4, "ring_degree": 2, "ulysses_degree": 2}, "does not use ring_degree"),
+    ({"mode": "pipefusion", "world_size": 2, "warmup_steps": 0}, "warmup_steps >= 1"),
+    ({"mode": "sync_patch", "world_size": 4, "ulysses_degree": 2, "patch_degree": 2}, "does not use ulysses"),
+])
+def test_hybrid_layouts_that_do_not_fit_are_one_line(kwargs, match):
+    with pytest.raises(ConfigError, match=match) as err:
+        ParallelConfig.create(**kwargs)
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("kwargs,cls,args,shape,match", [
+    ({"mode": "ulysses", "world_size": 4}, "DiT", {"num_heads": 2}, None, "must divide the 2 attention heads"),
+    ({"mode": "usp", "world_size": 4, "ulysses_degree": 1, "ring_degree": 4}, "DiT", {"input_size": 6},
+     None, "must divide the 9 tokens"),
+    ({"mode": "pipefusion", "world_size": 4}, "DiT", {"depth": 2}, None, "cannot share depth=2"),
+    ({"mode": "pipefusion", "world_size": 2, "pipe_patches": 3}, "DiT", {}, None, "must divide the 8 token rows"),
+    ({"mode": "sync_patch", "world_size": 2}, "VideoDiT", {}, [1, 4, 16, 16], "ulysses | ring | usp"),
+    ({"mode": "ring", "world_size": 3}, "VideoDiT", {}, [1, 3, 16, 16], None),   # 3 frames x 64 tokens fit
+])
+def test_layout_is_checked_against_the_model_before_any_rank_starts(kwargs, cls, args, shape, match):
+    from archipelago.inference.config import check_layout_fits
+
+    model = {"input_size": 16, "patch_size": 2, "num_heads": 4, "depth": 4, **args}
+    pcfg = ParallelConfig(**kwargs)
+    if match is None:
+        check_layout_fits(pcfg, cls, model, shape)
+        return
+    with pytest.raises(ConfigError, match=match):
+        check_layout_fits(pcfg, cls, model, shape)
