@@ -47,7 +47,7 @@ def test_ddm_vs_monolithic_quick_reports_every_arm_protocol_and_bracketed_guidan
     assert all(0 < r["memorisation"] < 2 for r in rows) and report["setup"]["holdout_fraction"] == 0.2
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(450)
 def test_parallel_inference_quick_writes_tables_crossover_and_trained_quality(tmp_path):
     out = tmp_path / "pi.json"
     _run("parallel_inference.py", "--quick", "--out", str(out))
