@@ -89,6 +89,8 @@ def train_expert_cmd(
     data: str | None = typer.Option(None, "--data", help="Data URL (default: <storage.root>/data)."),
     out: str | None = typer.Option(None, "--out", help="Run URL (default: <storage.root>/experts/expert-K)."),
     no_resume: bool = typer.Option(False, "--no-resume", help="Start from scratch even if checkpoints exist."),
+    lease_wait_s: float = typer.Option(0.0, "--lease-wait-s", min=0, help="Wait this long for another "
+                                       "trainer's lease on --out to end (an attempt lost with its site)."),
     overrides: list[str] | None = SetOpt,
 ) -> None:
     """Train one expert on one shard (in-process, or under torchrun for ddp/fsdp2/deepspeed).
@@ -105,7 +107,8 @@ def train_expert_cmd(
     out_url = out or storage.join(cfg.storage.root, "experts", f"expert-{shard}")
     from archipelago.experts.callbacks import RichProgressCallback
 
-    result = train_expert(cfg, shard, data_url, out_url, callbacks=[RichProgressCallback()], resume=not no_resume)
+    result = train_expert(cfg, shard, data_url, out_url, callbacks=[RichProgressCallback()], resume=not no_resume,
+                          lease_wait_s=lease_wait_s)
     typer.echo(f"expert {shard}: {result['steps']} steps, final loss {result['final_loss']:.4f}, "
                f"checkpoint {result['final_checkpoint']}")
 

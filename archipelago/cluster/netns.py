@@ -243,9 +243,9 @@ def cleanup_stale(prefix: str = DEFAULT_PREFIX_ROOT + "-") -> list[str]:
     processes and its Ray temp dirs under /tmp. Returns the namespaces removed. `prefix` "arch-" (the default)
     matches every cluster of this module on the machine, running ones included."""
     check_host()
-    names = [ns for ns in list_namespaces() if ns.startswith(prefix) and re.search(r"-(n\d+|sw)$", ns)]
+    names = [ns for ns in list_namespaces() if ns.startswith(prefix) and re.search(r"-(n\d+|sw|svc)$", ns)]
     delete_namespaces(names)
-    for cluster_prefix in {re.sub(r"-(n\d+|sw)$", "", ns) for ns in names}:
+    for cluster_prefix in {re.sub(r"-(n\d+|sw)$", "", ns) if not ns.endswith("-svc") else ns for ns in names}:
         shutil.rmtree(Path("/tmp") / cluster_prefix, ignore_errors=True)
     return names
 
@@ -269,6 +269,7 @@ class NetnsCluster:
         self.config = config or NetnsConfig()
         self.prefix = self.config.prefix or f"{DEFAULT_PREFIX_ROOT}-{secrets.token_hex(3)}"
         self.phases: dict[str, dict[int, LinkBytes]] = {}
+        self.extra_env: dict[str, str] = {}     # more environment for every Ray node (never saved in the state)
 
     # ---- names and addresses ----------------------------------------------------------------------------
     @property
@@ -384,8 +385,18 @@ class NetnsCluster:
                     "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"})
         return env
 
+    def start_ray(self, extra_env: dict[str, str] | None = None) -> None:
+        """Start Ray on a network made with ray=False, every node with `extra_env` added (e.g. the endpoints
+        and credentials of a site's store: Ray's workers and jobs inherit them from the node)."""
+        self.extra_env = dict(extra_env or {})
+        try:
+            self._start_ray()
+        except BaseException:
+            self.down(keep_logs=True)
+            raise
+
     def _ray_env(self) -> dict[str, str]:
-        env = self.driver_env()
+        env = {**self.driver_env(), **self.extra_env}
         env.pop("RAY_ADDRESS")          # `ray start --head` would take it as the cluster to join
         return env
 
