@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import shutil
 import subprocess
@@ -93,6 +94,7 @@ class MultiSiteTestbed:
             include_dashboard=True, dashboard_port=DASHBOARD_PORT, start_timeout_s=c.start_timeout_s))
             for i in range(c.sites)]
         self.lost: set[int] = set()
+        self.timings: dict[str, float] = {}     # seconds from the start of the services/Ray bring-up
 
     # ---- names and addresses ----------------------------------------------------------------------------
     @property
@@ -166,9 +168,16 @@ class MultiSiteTestbed:
                 self._make_wan(i)
             self.shape_wan(self.config.wan_rate)
             self.services_dir.mkdir(parents=True, exist_ok=True)
+            t0 = time.perf_counter()
+
+            def timed(name: str, fn: Any, *args: Any) -> None:
+                fn(*args)
+                self.timings[name] = round(time.perf_counter() - t0, 1)
+
             with ThreadPoolExecutor(max_workers=1 + len(self.sites)) as pool:
-                jobs = [pool.submit(self._start_services)]
-                jobs += [pool.submit(site.start_ray, self.site_env(i)) for i, site in enumerate(self.sites)]
+                jobs = [pool.submit(timed, "services_s", self._start_services)]
+                jobs += [pool.submit(timed, f"site{i}_ray_s", site.start_ray, self.site_env(i))
+                         for i, site in enumerate(self.sites)]
                 for job in jobs:
                     job.result()
         except BaseException:
@@ -223,8 +232,10 @@ class MultiSiteTestbed:
                 continue
             per = out.setdefault(i, {k: {"to_site": 0, "from_site": 0} for k in KINDS})
             for ns, dev, direction in self._wan_ends(i):
-                stats = json.loads(_run(["tc", "-n", ns, "-s", "-j", "class", "show", "dev", dev]).stdout or "[]")
-                by_id = {c.get("handle"): int((c.get("stats") or {}).get("bytes", 0)) for c in stats}
+                # `tc -j` prints no JSON for classes here: read "class htb 10:<id> ...\n Sent <n> bytes".
+                text = _run(["tc", "-n", ns, "-s", "class", "show", "dev", dev]).stdout
+                by_id = {m.group(1): int(m.group(2))
+                         for m in re.finditer(r"class htb (10:\d+) [^\n]*\n\s*Sent (\d+) bytes", text)}
                 for kind, cid in _HTB_CLASS.items():
                     per[kind][direction] = by_id.get(f"10:{cid}", 0)
         return out
