@@ -352,8 +352,11 @@ def cluster_status(address: str | None = AddressOpt, state_file: Path | None = S
 
     Example: archipelago cluster status --address http://127.0.0.1:8265
     """
-    from archipelago.cluster import local
+    from archipelago.cluster import local, netns_state
 
+    if address is None and (sites := netns_state.sites_status()) is not None:
+        typer.echo(sites)      # the multi-site testbed of `cluster local --sites`: one line per site
+        return
     typer.echo(local.cluster_status(address, state_file=state_file))
 
 
@@ -400,6 +403,10 @@ def cluster_local(
     dashboard: bool = typer.Option(True, "--dashboard/--no-dashboard", help="Run the head's dashboard (for "
                                    "`ray job submit` from inside a node)."),
     down: bool = typer.Option(False, "--down", help="Tear down the cluster this command started."),
+    sites: int = typer.Option(0, "--sites", min=0, help="Multi-site testbed: this many sites, each its own Ray "
+                              "cluster, behind a WAN link to a services namespace (S3 + MLflow server)."),
+    nodes_per_site: int = typer.Option(2, "--nodes-per-site", min=1, help="Ray nodes per site (--sites)."),
+    wan_rate: str = typer.Option("50mbit", "--wan-rate", help="Each site's WAN link, both directions (--sites)."),
     state_file: Path | None = NetnsStateOpt,
 ) -> None:
     """Real multi-node Ray on one machine (root): N network namespaces on a bridge, each link rate-limited
@@ -407,14 +414,24 @@ def cluster_local(
 
     Commands run on a node with `ip netns exec <namespace> ...`; the head address is reachable only from
     inside the namespaces. Pin an island with --set islands.per_island.0.resources.node_1=1.
+    With --sites N: N independent Ray clusters ("datacenters") whose only shared things are a real S3
+    endpoint (moto_server) and a real MLflow server behind their WAN links; it prints the driver's command.
 
     Example: archipelago cluster local --nodes 3 --link-rate 100mbit
+    Multi-site: archipelago cluster local --sites 2 --nodes-per-site 2 --wan-rate 50mbit
     """
     from archipelago.cluster import netns_state
     from archipelago.cluster.netns import NetnsConfig
 
     if down:
         typer.echo(netns_state.local_down(state_file))
+        return
+    if sites:
+        from archipelago.cluster.multisite import MultiSiteConfig
+
+        typer.echo(netns_state.sites_up(MultiSiteConfig(sites=sites, nodes_per_site=nodes_per_site,
+                                                        wan_rate=wan_rate, lan_rate=link_rate, num_cpus=num_cpus,
+                                                        object_store_mb=object_store_mb), state_file))
         return
     typer.echo(netns_state.local_up(NetnsConfig(nodes=nodes, link_rate=link_rate, num_cpus=num_cpus,
                                                 object_store_mb=object_store_mb, subnet=subnet,
