@@ -139,11 +139,11 @@ def _by_kind(wan: dict[int, dict[str, dict[str, int]]], lost: dict | None = None
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rates", nargs="+", default=["50mbit", "1gbit"])
-    ap.add_argument("--steps", type=int, default=400)
+    ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--every", type=int, default=100, help="expert.checkpoint_every")
     ap.add_argument("--hidden", type=int, default=96)
     ap.add_argument("--depth", type=int, default=4)
-    ap.add_argument("--kill-after-step", type=int, default=200)
+    ap.add_argument("--kill-after-step", type=int, default=100)
     ap.add_argument("--skip-loss", action="store_true")
     ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args()
