@@ -18,7 +18,6 @@ namespaces (and with them its WAN link). Needs root, like netns.
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 import secrets
@@ -41,6 +40,7 @@ from archipelago.cluster.netns import (
     delete_namespaces,
     list_namespaces,
     parse_rate,
+    write_state,
 )
 
 if TYPE_CHECKING:
@@ -284,12 +284,7 @@ class MultiSiteTestbed:
                           for i, s in enumerate(self.sites)], "created_at": time.time()}
 
     def save_state(self, path: str | Path) -> Path:
-        p = Path(path).expanduser()
-        p.parent.mkdir(parents=True, exist_ok=True)
-        tmp = p.with_suffix(p.suffix + ".tmp")
-        tmp.write_text(json.dumps(self.state(), indent=2) + "\n")
-        tmp.replace(p)
-        return p
+        return write_state(path, self.state())
 
     @classmethod
     def from_state(cls, state: dict[str, Any]) -> MultiSiteTestbed:

@@ -495,12 +495,7 @@ class NetnsCluster:
                 "switch_namespace": self.switch_ns, "created_at": time.time()}
 
     def save_state(self, path: str | Path) -> Path:
-        p = Path(path).expanduser()
-        p.parent.mkdir(parents=True, exist_ok=True)
-        tmp = p.with_suffix(p.suffix + ".tmp")
-        tmp.write_text(json.dumps(self.state(), indent=2) + "\n")
-        tmp.replace(p)
-        return p
+        return write_state(path, self.state())
 
     @classmethod
     def from_state(cls, path: str | Path) -> NetnsCluster:
@@ -534,6 +529,16 @@ class NetnsCluster:
     def is_running(self) -> bool:
         """All our namespaces exist (Ray itself is not probed)."""
         return set(self.namespaces) <= set(list_namespaces())
+
+
+def write_state(path: str | Path, state: dict[str, Any]) -> Path:
+    """Write a testbed's state file atomically (a reader never sees half of it); returns its path."""
+    p = Path(path).expanduser()
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_suffix(p.suffix + ".tmp")
+    tmp.write_text(json.dumps(state, indent=2) + "\n")
+    tmp.replace(p)
+    return p
 
 
 def _last_error_line(path: Path) -> str:
