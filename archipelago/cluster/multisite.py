@@ -320,6 +320,8 @@ class MultiSiteTestbed:
                      f"{S3_PORT} MLFLOW_TRACKING_URI=http://127.0.0.1:{MLFLOW_PORT} archipelago train --config "
                      f"configs/digits-quickstart.yaml --set storage.root=s3://{BUCKET}/run --set "
                      f"data.num_clusters={c.sites} {sets}")
+        lines.append("(the driver needs the same AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY as this command had; moto "
+                     "accepts any)")
         lines.append("stop: archipelago cluster local --down")
         return "\n".join(lines)
 

@@ -417,30 +417,44 @@ class NetnsCluster:
         return argv + list(c.ray_args)
 
     def _start_ray(self) -> None:
-        """`ray start` (daemonising, no --block) in each namespace: the head first, then the workers at once."""
+        """`ray start` (daemonising, no --block) in each namespace: the head first, then the workers at once.
+
+        A worker whose `ray start` fails is started once more, alone, after its namespace's processes are
+        killed: Ray gives a raylet a fixed 30 s to register, which a loaded 2-core machine can miss."""
         env = self._ray_env()
         for i in range(self.config.nodes):
             self.temp_dir(i).mkdir(parents=True, exist_ok=True)
-        procs: dict[int, subprocess.Popen] = {}
         for batch in ([0], list(range(1, self.config.nodes))):
-            for i in batch:
-                log = open(self.temp_dir(i).parent / f"ray-start-n{i}.log", "wb")  # noqa: SIM115 - closed below
-                procs[i] = subprocess.Popen(self.exec_argv(i, self._ray_start_argv(i)), stdout=log,
-                                            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                                            start_new_session=True)
-                log.close()
-            for i in batch:
-                try:
-                    code = procs[i].wait(timeout=self.config.start_timeout_s)
-                except subprocess.TimeoutExpired:
-                    procs[i].kill()
-                    code = None
-                if code != 0:
-                    log_path = self.temp_dir(i).parent / f"ray-start-n{i}.log"
-                    raise NetnsError(f"`ray start` on node {i} ({self.node_ns(i)}) "
-                                     f"{'timed out' if code is None else f'exited with code {code}'}: "
-                                     f"{_last_error_line(log_path)} (log: {log_path})")
+            procs = {i: self._launch_ray(i, env) for i in batch}
+            failed = {i: why for i in batch if (why := self._ray_started(i, procs[i])) is not None}
+            for i, why in failed.items():
+                if i == 0:
+                    raise NetnsError(why)
+                kill_namespaces([self.node_ns(i)])
+                why = self._ray_started(i, self._launch_ray(i, env))
+                if why is not None:
+                    raise NetnsError(f"{why} (second try)")
         self.wait_for_nodes()
+
+    def _launch_ray(self, i: int, env: dict[str, str]) -> subprocess.Popen:
+        with open(self.temp_dir(i).parent / f"ray-start-n{i}.log", "wb") as log:
+            return subprocess.Popen(self.exec_argv(i, self._ray_start_argv(i)), stdout=log,
+                                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                                    start_new_session=True)
+
+    def _ray_started(self, i: int, proc: subprocess.Popen) -> str | None:
+        """None once `ray start` on node i succeeded, else why not (one line naming its log)."""
+        try:
+            code = proc.wait(timeout=self.config.start_timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            code = None
+        if code == 0:
+            return None
+        log_path = self.temp_dir(i).parent / f"ray-start-n{i}.log"
+        return (f"`ray start` on node {i} ({self.node_ns(i)}) "
+                f"{'timed out' if code is None else f'exited with code {code}'}: "
+                f"{_last_error_line(log_path)} (log: {log_path})")
 
     def wait_for_nodes(self, timeout_s: float | None = None) -> None:
         """Block until the head's GCS lists every node alive (asked from inside node 0, the only place the
