@@ -56,7 +56,9 @@ WATCH = """
 import sys, time
 from archipelago import storage
 ckpts, after = sys.argv[1], int(sys.argv[2])
+fs = storage.filesystem(ckpts)[0]
 while True:
+    fs.invalidate_cache()          # s3fs caches listings: without this a new checkpoint is never seen
     names = storage.listdir(ckpts) if storage.exists(ckpts) else []
     done = [int(n.split("-")[-1]) for n in names if storage.exists(storage.join(ckpts, n, "meta.json"))]
     if done and max(done) >= after:

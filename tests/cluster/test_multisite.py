@@ -56,7 +56,9 @@ root = sys.argv[1]
 e0, e1 = storage.join(root, "experts/expert-0"), storage.join(root, "experts/expert-1")
 told = False
 deadline = time.time() + 400
+fs = storage.filesystem(e0)[0]
 while time.time() < deadline:
+    fs.invalidate_cache()          # s3fs caches listings: without this a new checkpoint may never be seen
     if not told and storage.exists(storage.join(e0, "checkpoints")):
         done = [n for n in storage.listdir(storage.join(e0, "checkpoints"))
                 if storage.exists(storage.join(e0, "checkpoints", n, "meta.json"))]
