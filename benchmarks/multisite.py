@@ -157,6 +157,18 @@ def main() -> int:
     info = machine()
     t_start = time.perf_counter()
     results: dict[str, Any] = {}
+
+    def report(partial: bool) -> None:
+        """Written after every arm too: a run cut short (a timeout, a crash) keeps what it measured."""
+        write_report(args.out, {
+            "benchmark": "multisite", "created_at": time.time(), "machine": info, "partial": partial,
+            "loadavg_now": os.getloadavg(),
+            "note": "shared 2-core machine under other jobs' load (see loadavg): walls are upper bounds; bytes "
+                    "are not affected by load",
+            "testbed": {"sites": 2, "nodes_per_site": 2, "cpus_per_node": 1, "up_s": testbed_up_s,
+                        "up_timings_s": tb.timings},
+            "wall_s": time.perf_counter() - t_start, "settings": vars(args), "rates": results,
+            "table_md": table(results)})
     tb = MultiSiteTestbed(MultiSiteConfig(sites=2, nodes_per_site=2, num_cpus=1, wan_rate=args.rates[0]))
     t0 = time.perf_counter()
     tb.up()
@@ -174,7 +186,8 @@ def main() -> int:
                     print(f"   {rate:>7} {arm:<10} wall {row[arm]['wall_s']:6.1f}s  WAN MiB by kind "
                           f"{ {k: round(v / 2**20, 2) for k, v in row[arm]['wan_total_by_kind'].items()} }",
                           flush=True)
-                results[rate] = row
+                    results[rate] = row
+                    report(partial=True)
             if not args.skip_loss:
                 rate = args.rates[0]
                 root = f"s3://archipelago/bench-{rate}-site-loss"
@@ -187,16 +200,8 @@ def main() -> int:
                       f" steps redone", flush=True)
     finally:
         tb.down()
-    md = table(results)
-    print("\n" + md)
-    write_report(args.out, {
-        "benchmark": "multisite", "created_at": time.time(), "machine": info,
-        "loadavg_at_end": os.getloadavg(),
-        "note": "shared 2-core machine under other jobs' load (see loadavg): walls are upper bounds; bytes are not "
-                "affected by load",
-        "testbed": {"sites": 2, "nodes_per_site": 2, "cpus_per_node": 1, "up_s": testbed_up_s,
-                    "up_timings_s": tb.timings},
-        "wall_s": time.perf_counter() - t_start, "settings": vars(args), "rates": results, "table_md": md})
+    print("\n" + table(results))
+    report(partial=False)
     return 0
 
 
