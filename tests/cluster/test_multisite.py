@@ -97,7 +97,7 @@ print(json.dumps({
 """
 
 
-@pytest.mark.timeout(420)
+@pytest.mark.timeout(900)   # ~390 s on this shared 2-core machine at load 10-15
 def test_site_lost_mid_run_island_resumes_on_the_surviving_site(tmp_path, record_property, monkeypatch):
     t0 = time.perf_counter()
     secret = "multisite-secret-7f3a"                    # the sites' and the driver's S3 key: never printed
@@ -136,7 +136,7 @@ def test_site_lost_mid_run_island_resumes_on_the_surviving_site(tmp_path, record
         final1_first = json.loads(line.split(" ", 1)[1])
 
         # ---- the run ends well: island 0 resubmitted to site 1, resumed there -----------------------------
-        rc = driver.wait(timeout=300)
+        rc = driver.wait(timeout=600)
         text = log.read_text()
         assert rc == 0, text[-4000:]
         assert "resubmitting to the surviving site" in text and sites[1] in text, text[-4000:]
