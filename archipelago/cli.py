@@ -89,6 +89,8 @@ def train_expert_cmd(
     data: str | None = typer.Option(None, "--data", help="Data URL (default: <storage.root>/data)."),
     out: str | None = typer.Option(None, "--out", help="Run URL (default: <storage.root>/experts/expert-K)."),
     no_resume: bool = typer.Option(False, "--no-resume", help="Start from scratch even if checkpoints exist."),
+    lease_wait_s: float = typer.Option(0.0, "--lease-wait-s", min=0, help="Wait this long for another "
+                                       "trainer's lease on --out to end (an attempt lost with its site)."),
     overrides: list[str] | None = SetOpt,
 ) -> None:
     """Train one expert on one shard (in-process, or under torchrun for ddp/fsdp2/deepspeed).
@@ -105,7 +107,8 @@ def train_expert_cmd(
     out_url = out or storage.join(cfg.storage.root, "experts", f"expert-{shard}")
     from archipelago.experts.callbacks import RichProgressCallback
 
-    result = train_expert(cfg, shard, data_url, out_url, callbacks=[RichProgressCallback()], resume=not no_resume)
+    result = train_expert(cfg, shard, data_url, out_url, callbacks=[RichProgressCallback()], resume=not no_resume,
+                          lease_wait_s=lease_wait_s)
     typer.echo(f"expert {shard}: {result['steps']} steps, final loss {result['final_loss']:.4f}, "
                f"checkpoint {result['final_checkpoint']}")
 
@@ -395,8 +398,11 @@ def cluster_status(address: str | None = AddressOpt, state_file: Path | None = S
 
     Example: archipelago cluster status --address http://127.0.0.1:8265
     """
-    from archipelago.cluster import local
+    from archipelago.cluster import local, netns_state
 
+    if address is None and (sites := netns_state.sites_status()) is not None:
+        typer.echo(sites)      # the multi-site testbed of `cluster local --sites`: one line per site
+        return
     typer.echo(local.cluster_status(address, state_file=state_file))
 
 
@@ -443,6 +449,10 @@ def cluster_local(
     dashboard: bool = typer.Option(True, "--dashboard/--no-dashboard", help="Run the head's dashboard (for "
                                    "`ray job submit` from inside a node)."),
     down: bool = typer.Option(False, "--down", help="Tear down the cluster this command started."),
+    sites: int = typer.Option(0, "--sites", min=0, help="Multi-site testbed: this many sites, each its own Ray "
+                              "cluster, behind a WAN link to a services namespace (S3 + MLflow server)."),
+    nodes_per_site: int = typer.Option(2, "--nodes-per-site", min=1, help="Ray nodes per site (--sites)."),
+    wan_rate: str = typer.Option("50mbit", "--wan-rate", help="Each site's WAN link, both directions (--sites)."),
     state_file: Path | None = NetnsStateOpt,
 ) -> None:
     """Real multi-node Ray on one machine (root): N network namespaces on a bridge, each link rate-limited
@@ -450,14 +460,24 @@ def cluster_local(
 
     Commands run on a node with `ip netns exec <namespace> ...`; the head address is reachable only from
     inside the namespaces. Pin an island with --set islands.per_island.0.resources.node_1=1.
+    With --sites N: N independent Ray clusters ("datacenters") whose only shared things are a real S3
+    endpoint (moto_server) and a real MLflow server behind their WAN links; it prints the driver's command.
 
     Example: archipelago cluster local --nodes 3 --link-rate 100mbit
+    Multi-site: archipelago cluster local --sites 2 --nodes-per-site 2 --wan-rate 50mbit
     """
     from archipelago.cluster import netns_state
     from archipelago.cluster.netns import NetnsConfig
 
     if down:
         typer.echo(netns_state.local_down(state_file))
+        return
+    if sites:
+        from archipelago.cluster.multisite import MultiSiteConfig
+
+        typer.echo(netns_state.sites_up(MultiSiteConfig(sites=sites, nodes_per_site=nodes_per_site,
+                                                        wan_rate=wan_rate, lan_rate=link_rate, num_cpus=num_cpus,
+                                                        object_store_mb=object_store_mb), state_file))
         return
     typer.echo(netns_state.local_up(NetnsConfig(nodes=nodes, link_rate=link_rate, num_cpus=num_cpus,
                                                 object_store_mb=object_store_mb, subnet=subnet,

@@ -175,6 +175,7 @@ class IslandSpec(_Section):
 
 
 FlopMatch = Literal["batch", "steps", "none"]
+SiteLossPolicy = Literal["fail", "resubmit"]
 
 
 class IslandsConfig(_Section):
@@ -191,6 +192,18 @@ class IslandsConfig(_Section):
     address: str | None = Field(None, description="Default Ray address (None: local ray.init()).")
     per_island: dict[int, IslandSpec] = Field(
         default_factory=dict, description="Overrides keyed by shard id.")
+    on_site_loss: SiteLossPolicy = Field(
+        "fail", description="What a job-mode island does when its whole site (its Ray cluster's dashboard) "
+        "stops answering for site_loss_timeout_s. fail (default): the island fails alone, the others finish, "
+        "and re-running `archipelago train` with its address changed resumes it from its last checkpoint -- "
+        "nothing moves without a person deciding where the extra load goes. resubmit: it is submitted to a "
+        "surviving site (the other islands' addresses, then `sites`), which resumes it from its last "
+        "checkpoint in the shared store.")
+    sites: list[str] = Field(
+        default_factory=list, description="More sites (dashboard URLs, http://host:8265) that on_site_loss="
+        "resubmit may move a lost island to, besides the sites the islands already use.")
+    site_loss_timeout_s: float = Field(
+        30.0, gt=0, description="A site whose dashboard has not answered for this long is lost (job mode).")
 
 
 class Mode(str, enum.Enum):

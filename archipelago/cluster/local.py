@@ -284,10 +284,17 @@ def connect_ray(address: str | None = None, hint: str = "check RAY_ADDRESS", tim
             socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout_s).close()
         except (OSError, ValueError) as exc:
             raise ClusterError(f"cannot reach Ray at {where}: no Ray head answers there ({exc}); {advice}") from None
-    try:
-        ray.init(address=target, **init_kwargs)
-    except Exception as exc:  # noqa: BLE001 - ConnectionError, RuntimeError, ValueError from ray.init
-        raise ClusterError(f"cannot start or reach Ray ({where}): {failure_line(exc)}; {advice}") from None
+    for attempt in (1, 2):
+        try:
+            ray.init(address=target, **init_kwargs)
+            break
+        except Exception as exc:  # noqa: BLE001 - ConnectionError, RuntimeError, ValueError from ray.init
+            # A new local instance whose raylet missed Ray's fixed 30 s registration window (a loaded machine)
+            # gets one more try; anything else is one line at once.
+            if attempt == 1 and target in (None, "local") and "timed out during startup" in str(exc):
+                ray.shutdown()
+                continue
+            raise ClusterError(f"cannot start or reach Ray ({where}): {failure_line(exc)}; {advice}") from None
     return True
 
 

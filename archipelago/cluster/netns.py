@@ -243,9 +243,9 @@ def cleanup_stale(prefix: str = DEFAULT_PREFIX_ROOT + "-") -> list[str]:
     processes and its Ray temp dirs under /tmp. Returns the namespaces removed. `prefix` "arch-" (the default)
     matches every cluster of this module on the machine, running ones included."""
     check_host()
-    names = [ns for ns in list_namespaces() if ns.startswith(prefix) and re.search(r"-(n\d+|sw)$", ns)]
+    names = [ns for ns in list_namespaces() if ns.startswith(prefix) and re.search(r"-(n\d+|sw|svc)$", ns)]
     delete_namespaces(names)
-    for cluster_prefix in {re.sub(r"-(n\d+|sw)$", "", ns) for ns in names}:
+    for cluster_prefix in {re.sub(r"-(n\d+|sw)$", "", ns) if not ns.endswith("-svc") else ns for ns in names}:
         shutil.rmtree(Path("/tmp") / cluster_prefix, ignore_errors=True)
     return names
 
@@ -269,6 +269,7 @@ class NetnsCluster:
         self.config = config or NetnsConfig()
         self.prefix = self.config.prefix or f"{DEFAULT_PREFIX_ROOT}-{secrets.token_hex(3)}"
         self.phases: dict[str, dict[int, LinkBytes]] = {}
+        self.extra_env: dict[str, str] = {}     # more environment for every Ray node (never saved in the state)
 
     # ---- names and addresses ----------------------------------------------------------------------------
     @property
@@ -384,8 +385,18 @@ class NetnsCluster:
                     "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"})
         return env
 
+    def start_ray(self, extra_env: dict[str, str] | None = None) -> None:
+        """Start Ray on a network made with ray=False, every node with `extra_env` added (e.g. the endpoints
+        and credentials of a site's store: Ray's workers and jobs inherit them from the node)."""
+        self.extra_env = dict(extra_env or {})
+        try:
+            self._start_ray()
+        except BaseException:
+            self.down(keep_logs=True)
+            raise
+
     def _ray_env(self) -> dict[str, str]:
-        env = self.driver_env()
+        env = {**self.driver_env(), **self.extra_env}
         env.pop("RAY_ADDRESS")          # `ray start --head` would take it as the cluster to join
         return env
 
@@ -406,30 +417,44 @@ class NetnsCluster:
         return argv + list(c.ray_args)
 
     def _start_ray(self) -> None:
-        """`ray start` (daemonising, no --block) in each namespace: the head first, then the workers at once."""
+        """`ray start` (daemonising, no --block) in each namespace: the head first, then the workers at once.
+
+        A worker whose `ray start` fails is started once more, alone, after its namespace's processes are
+        killed: Ray gives a raylet a fixed 30 s to register, which a loaded 2-core machine can miss."""
         env = self._ray_env()
         for i in range(self.config.nodes):
             self.temp_dir(i).mkdir(parents=True, exist_ok=True)
-        procs: dict[int, subprocess.Popen] = {}
         for batch in ([0], list(range(1, self.config.nodes))):
-            for i in batch:
-                log = open(self.temp_dir(i).parent / f"ray-start-n{i}.log", "wb")  # noqa: SIM115 - closed below
-                procs[i] = subprocess.Popen(self.exec_argv(i, self._ray_start_argv(i)), stdout=log,
-                                            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                                            start_new_session=True)
-                log.close()
-            for i in batch:
-                try:
-                    code = procs[i].wait(timeout=self.config.start_timeout_s)
-                except subprocess.TimeoutExpired:
-                    procs[i].kill()
-                    code = None
-                if code != 0:
-                    log_path = self.temp_dir(i).parent / f"ray-start-n{i}.log"
-                    raise NetnsError(f"`ray start` on node {i} ({self.node_ns(i)}) "
-                                     f"{'timed out' if code is None else f'exited with code {code}'}: "
-                                     f"{_last_error_line(log_path)} (log: {log_path})")
+            procs = {i: self._launch_ray(i, env) for i in batch}
+            failed = {i: why for i in batch if (why := self._ray_started(i, procs[i])) is not None}
+            for i, why in failed.items():
+                if i == 0:
+                    raise NetnsError(why)
+                kill_namespaces([self.node_ns(i)])
+                why = self._ray_started(i, self._launch_ray(i, env))
+                if why is not None:
+                    raise NetnsError(f"{why} (second try)")
         self.wait_for_nodes()
+
+    def _launch_ray(self, i: int, env: dict[str, str]) -> subprocess.Popen:
+        with open(self.temp_dir(i).parent / f"ray-start-n{i}.log", "wb") as log:
+            return subprocess.Popen(self.exec_argv(i, self._ray_start_argv(i)), stdout=log,
+                                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                                    start_new_session=True)
+
+    def _ray_started(self, i: int, proc: subprocess.Popen) -> str | None:
+        """None once `ray start` on node i succeeded, else why not (one line naming its log)."""
+        try:
+            code = proc.wait(timeout=self.config.start_timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            code = None
+        if code == 0:
+            return None
+        log_path = self.temp_dir(i).parent / f"ray-start-n{i}.log"
+        return (f"`ray start` on node {i} ({self.node_ns(i)}) "
+                f"{'timed out' if code is None else f'exited with code {code}'}: "
+                f"{_last_error_line(log_path)} (log: {log_path})")
 
     def wait_for_nodes(self, timeout_s: float | None = None) -> None:
         """Block until the head's GCS lists every node alive (asked from inside node 0, the only place the
@@ -484,12 +509,7 @@ class NetnsCluster:
                 "switch_namespace": self.switch_ns, "created_at": time.time()}
 
     def save_state(self, path: str | Path) -> Path:
-        p = Path(path).expanduser()
-        p.parent.mkdir(parents=True, exist_ok=True)
-        tmp = p.with_suffix(p.suffix + ".tmp")
-        tmp.write_text(json.dumps(self.state(), indent=2) + "\n")
-        tmp.replace(p)
-        return p
+        return write_state(path, self.state())
 
     @classmethod
     def from_state(cls, path: str | Path) -> NetnsCluster:
@@ -523,6 +543,16 @@ class NetnsCluster:
     def is_running(self) -> bool:
         """All our namespaces exist (Ray itself is not probed)."""
         return set(self.namespaces) <= set(list_namespaces())
+
+
+def write_state(path: str | Path, state: dict[str, Any]) -> Path:
+    """Write a testbed's state file atomically (a reader never sees half of it); returns its path."""
+    p = Path(path).expanduser()
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_suffix(p.suffix + ".tmp")
+    tmp.write_text(json.dumps(state, indent=2) + "\n")
+    tmp.replace(p)
+    return p
 
 
 def _last_error_line(path: Path) -> str:

@@ -8,7 +8,8 @@ import os
 import time
 from pathlib import Path
 
-from archipelago.cluster.netns import NetnsCluster, NetnsConfig, cleanup_stale
+from archipelago.cluster.multisite import MultiSiteConfig, MultiSiteTestbed
+from archipelago.cluster.netns import NetnsCluster, NetnsConfig, NetnsError, cleanup_stale
 
 DEFAULT_STATE_FILE = Path("~/.archipelago/netns-cluster.json")
 
@@ -18,11 +19,55 @@ def state_path(state_file: str | Path | None = None) -> Path:
     return Path(state_file or os.environ.get("ARCHIPELAGO_NETNS_STATE") or DEFAULT_STATE_FILE).expanduser()
 
 
+def _recorded(path: Path) -> NetnsCluster | MultiSiteTestbed | None:
+    """The cluster or multi-site testbed recorded in the state file, if any."""
+    if not path.is_file():
+        return None
+    try:
+        state = json.loads(path.read_text())
+    except (OSError, ValueError):
+        state = {}
+    if isinstance(state, dict) and state.get("kind") == "multisite":
+        try:
+            return MultiSiteTestbed.from_state(state)
+        except (KeyError, TypeError) as exc:
+            raise NetnsError(f"{path}: not a multi-site state file ({type(exc).__name__}: {exc}); remove leftovers "
+                             f"with `archipelago cluster cleanup`") from None
+    return NetnsCluster.from_state(path)
+
+
+def sites_up(config: MultiSiteConfig, state_file: str | Path | None = None) -> str:
+    """Start the multi-site testbed and record it, unless something recorded is still running."""
+    path = state_path(state_file)
+    running = _recorded(path)
+    if running is not None and running.is_running():
+        return f"already running: {running.prefix} (stop it first: archipelago cluster local --down)"
+    tb = MultiSiteTestbed(config)
+    t0 = time.perf_counter()
+    tb.up()
+    tb.save_state(path)
+    return f"started {config.sites} sites in {time.perf_counter() - t0:.0f}s (state: {path})\n{tb.describe()}"
+
+
+def sites_status(state_file: str | Path | None = None) -> str | None:
+    """The recorded multi-site testbed with each site's liveness (its dashboard asked over the WAN); None when
+    no testbed is recorded."""
+    tb = _recorded(state_path(state_file))
+    if not isinstance(tb, MultiSiteTestbed):
+        return None
+    if not tb.is_running():
+        return f"multi-site testbed {tb.prefix} is recorded but not running (archipelago cluster local --down)"
+    return tb.describe(probe=True)
+
+
 def local_up(config: NetnsConfig, state_file: str | Path | None = None) -> str:
     """Start the namespace cluster and record it, unless the recorded one is still running."""
     path = state_path(state_file)
-    if path.is_file():
-        net = NetnsCluster.from_state(path)
+    recorded = _recorded(path)
+    if isinstance(recorded, MultiSiteTestbed) and recorded.is_running():
+        return f"already running: multi-site testbed {recorded.prefix}\n{recorded.describe()}"
+    if isinstance(recorded, NetnsCluster):
+        net = recorded
         if net.is_running():
             return f"already running: namespace cluster {net.prefix}\n{net.describe()}"
     net = NetnsCluster(config)
@@ -38,9 +83,11 @@ def local_down(state_file: str | Path | None = None) -> str:
     path = state_path(state_file)
     if not path.is_file():
         return f"no namespace cluster recorded in {path}; nothing stopped (leftovers: `archipelago cluster cleanup`)"
-    net = NetnsCluster.from_state(path)
+    net = _recorded(path)
     net.down()
     path.unlink(missing_ok=True)
+    if isinstance(net, MultiSiteTestbed):
+        return f"stopped multi-site testbed {net.prefix} ({net.config.sites} sites, services)"
     return f"stopped namespace cluster {net.prefix} ({net.config.nodes} nodes)"
 
 

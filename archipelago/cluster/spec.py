@@ -35,6 +35,33 @@ def is_job_address(address: str | None) -> bool:
     return bool(address) and bool(re.match(r"^https?://", address or ""))
 
 
+def check_site_address(address: str, where: str) -> None:
+    """ConfigError (one line naming the field) unless `address` is a usable dashboard URL http(s)://host[:port]."""
+    from urllib.parse import urlsplit
+
+    shown = redact_address(address)
+    try:
+        parts = urlsplit(address)
+        port = parts.port
+    except ValueError as exc:
+        raise ConfigError(f"field '{where}': {shown!r} is not a dashboard URL ({exc}); use http://host:8265") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"field '{where}': {shown!r} is not a dashboard URL; use http://host:8265 (the site's "
+                          f"Ray job-submission address)")
+    if port == 0 or (parts.path not in ("", "/")):
+        raise ConfigError(f"field '{where}': {shown!r} has {'port 0' if port == 0 else 'a path'}; use "
+                          f"http://host:8265 (the site's Ray job-submission address)")
+
+
+def job_sites(cfg: ArchipelagoConfig, plans: list[IslandPlan]) -> list[str]:
+    """Every site a job-mode island may run on, in order: the islands' own addresses, then islands.sites."""
+    out: list[str] = []
+    for address in [p.address for p in plans if p.mode == "job"] + list(cfg.islands.sites):
+        if address and address.rstrip("/") not in [a.rstrip("/") for a in out]:
+            out.append(address)
+    return out
+
+
 def redact_address(address: str | None) -> str | None:
     """An address without any user:password@ part (safe for logs, MLflow params, errors)."""
     if not address:
@@ -176,6 +203,11 @@ def resolve_islands(cfg: ArchipelagoConfig, manifest: ShardManifest, data_url: s
             shard_sha256=manifest.shards[k].sha256, shard_count=manifest.shards[k].count)
         _validate(plan, cfg, where, default_ray_address)
         plans.append(plan)
+    for i, site in enumerate(isl.sites):
+        check_site_address(site, f"islands.sites.{i}")
+    if isl.on_site_loss == "resubmit" and any(p.mode == "job" for p in plans) and len(job_sites(cfg, plans)) < 2:
+        raise ConfigError("field 'islands.on_site_loss': resubmit needs a second site to move a lost island to, "
+                          "but every island uses the same one; add a dashboard URL to islands.sites or use fail")
     return plans
 
 
@@ -195,6 +227,8 @@ def _validate(plan: IslandPlan, cfg: ArchipelagoConfig, where: str, default_ray_
     if plan.gpus_per_worker > 1 and plan.gpus_per_worker != int(plan.gpus_per_worker):
         raise ConfigError(f"field '{where}.gpus_per_worker': {plan.gpus_per_worker} GPUs per worker; use a "
                           f"fraction <= 1 or a whole number")
+    if plan.mode == "job":
+        check_site_address(plan.address or "", f"{where}.address" if where != "islands" else "islands.address")
     if plan.address and not is_job_address(plan.address) and plan.address != default_ray_address:
         raise ConfigError(f"field '{where}.address': {redact_address(plan.address)!r} is a Ray cluster address "
                           f"other than the driver's ({redact_address(default_ray_address)!r}); one driver connects "

@@ -27,16 +27,17 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from archipelago import storage
-from archipelago.cluster.spec import TRAINING_FIELDS_EXCLUDED, IslandPlan, redact_address
+from archipelago.cluster.spec import TRAINING_FIELDS_EXCLUDED, IslandPlan, job_sites, redact_address
 from archipelago.config import ArchipelagoConfig, dump_config, island_expert_config
 from archipelago.errors import (ArchipelagoError, CheckpointError, ConfigError, DivergenceError, StorageError,
                                 failure_line)
 from archipelago.experts.callbacks import TrainCallback
+from archipelago.orchestration.sites import JobAttempt, SiteBoard, SiteLost, poll_job
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +58,7 @@ class IslandResult:
     wall_s: float = 0.0
     error: str | None = None
     run_id: str | None = None
+    attempts: list[dict[str, Any]] = field(default_factory=list)   # job mode: one per submission (sites.JobAttempt)
 
     @property
     def ok(self) -> bool:
@@ -250,12 +252,14 @@ def make_trainer(plan: IslandPlan, cfg: ArchipelagoConfig, root: str, max_failur
 
 def run_island(plan: IslandPlan, cfg: ArchipelagoConfig, root: str, max_failures: int,
                tracking: dict[str, str] | None = None, callbacks: Sequence[TrainCallback] = (),
-               data_manifest_sha256: str | None = None) -> IslandResult:
-    """Train one island to completion (blocking) and say how it ended; never raises for a training failure."""
+               data_manifest_sha256: str | None = None, sites: SiteBoard | None = None) -> IslandResult:
+    """Train one island to completion (blocking) and say how it ended; never raises for a training failure.
+    sites: the run's SiteBoard (job mode: where a lost site's island may move)."""
     t0 = time.perf_counter()
+    attempts: list[JobAttempt] = []
     try:
         if plan.mode == "job":
-            run_island_job(plan, cfg, max_failures)
+            run_island_job(plan, cfg, max_failures, sites=sites, attempts=attempts)
         else:
             make_trainer(plan, cfg, root, max_failures, tracking, callbacks).fit()
         meta = completed_expert(plan, cfg, data_manifest_sha256)
@@ -264,72 +268,114 @@ def run_island(plan: IslandPlan, cfg: ArchipelagoConfig, root: str, max_failures
         if meta is None:
             raise CheckpointError(f"{storage.join(plan.out_url, 'final')}: training ended without a complete "
                                   f"final checkpoint")
-        return result_from_meta(plan, meta, "trained", time.perf_counter() - t0)
+        res = result_from_meta(plan, meta, "trained", time.perf_counter() - t0)
+        res.attempts = [a.to_dict() for a in attempts]
+        return res
     except Exception as exc:  # noqa: BLE001 - one island's failure of any kind must not stop the others
         line = failure_line(exc)
         log.error("%s (shard %d) failed: %s", plan.name, plan.shard, line)
         return IslandResult(shard=plan.shard, name=plan.name, status="failed", mode=plan.mode,
-                            wall_s=time.perf_counter() - t0, error=line)
+                            wall_s=time.perf_counter() - t0, error=line, attempts=[a.to_dict() for a in attempts])
 
 
-def job_entrypoint(plan: IslandPlan, config_file: str) -> str:
+def job_entrypoint(plan: IslandPlan, config_file: str, lease_wait_s: float = 0.0) -> str:
     """The command an island's own cluster runs: `archipelago train-expert` for one worker, the island's
-    TorchTrainer on that cluster (this module's main) for more."""
+    TorchTrainer on that cluster (this module's main) for more. lease_wait_s: how long train-expert waits
+    out the lease of an attempt that died with its site (another host: its lease must expire)."""
     args = (f"--shard {plan.shard} --config {shlex.quote(config_file)} --data {shlex.quote(plan.data_url)} "
             f"--out {shlex.quote(plan.out_url)}")
     if plan.num_workers == 1 and not plan.use_gpu:
-        return f"archipelago train-expert {args}"
+        wait = f" --lease-wait-s {lease_wait_s:g}" if lease_wait_s > 0 else ""
+        return f"archipelago train-expert {args}{wait}"
     return f"python -m archipelago.orchestration.islands {args}"
 
 
 def run_island_job(plan: IslandPlan, cfg: ArchipelagoConfig, max_failures: int, poll_s: float = 2.0,
-                   timeout_s: float | None = None) -> str:
+                   timeout_s: float | None = None, sites: SiteBoard | None = None,
+                   attempts: list[JobAttempt] | None = None) -> str:
     """Submit island `plan` as a Ray job to its own cluster (plan.address = http://host:8265) and wait;
     resubmits up to max_failures times (each attempt resumes from the last checkpoint). Returns the job id.
+
+    A site whose dashboard stops answering is lost (sites.SiteLost): under islands.on_site_loss=resubmit the
+    island moves to the next surviving site of `sites`, which resumes it from its last checkpoint in the
+    shared store (a move is not one of the max_failures). Every submission is appended to `attempts`.
 
     The job gets the island's config as a file in its working directory; no credential travels with it
     (the island's cluster reads the store with its own credentials) and MLFLOW_RUN_ID is not forwarded.
     """
     from ray.job_submission import JobStatus
 
+    sites = sites or SiteBoard([plan.address or ""], cfg.islands.on_site_loss, cfg.islands.site_loss_timeout_s)
+    attempts = attempts if attempts is not None else []
+    address = plan.address or ""
+    deadline = None if timeout_s is None else time.time() + timeout_s
+    failures, last_error = 0, ""
+    while True:
+        record = JobAttempt(attempt=len(attempts) + 1, address=redact_address(address) or "", job_id=None,
+                            status="running", started_at=time.time())
+        attempts.append(record)
+        try:
+            record.job_id = _submit(plan, cfg, address, record.attempt)
+            status = poll_job(_client_for(plan, address), record.job_id, address, plan.name, sites.timeout_s,
+                              poll_s, deadline)
+        except SiteLost as exc:
+            record.status, record.error, record.ended_at = "site_lost", str(exc), time.time()
+            log.error("%s", exc)
+            if sites.policy != "resubmit":
+                raise
+            moved_to = sites.next_site(address)
+            if moved_to is None:
+                raise SiteLost(f"{exc}; no surviving site to resubmit it to (islands.sites)") from None
+            log.warning("%s: resubmitting to the surviving site %s (on_site_loss=resubmit); it resumes from the "
+                        "last checkpoint in the store", plan.name, redact_address(moved_to))
+            address = moved_to
+            continue
+        record.ended_at = time.time()
+        if status == JobStatus.SUCCEEDED:
+            record.status = "succeeded"
+            return record.job_id
+        last_error = _job_error(_client_for(plan, address), record.job_id)
+        record.status, record.error = "failed", last_error
+        log.warning("%s: job %s %s: %s", plan.name, record.job_id, status, last_error)
+        failures += 1
+        if failures > max_failures:
+            raise IslandJobError(f"{plan.name}: job failed {failures} time(s) on {redact_address(address)}: "
+                                 f"{last_error}")
+
+
+def _client_for(plan: IslandPlan, address: str) -> Any:
+    """The job client of a site; SiteLost (at once) when its dashboard cannot be reached at all."""
     from archipelago.cluster.local import job_client
 
     try:
-        client = job_client(plan.address)
+        return job_client(address)
     except Exception as exc:  # noqa: BLE001 - ConnectionError, RuntimeError, ...
-        raise StorageError(f"{plan.name}: cannot reach the Ray dashboard at {redact_address(plan.address)} "
-                           f"({type(exc).__name__}); is the island's cluster up?") from None
-    island_cfg = plan.island_config(cfg)
-    last_error = ""
-    for attempt in range(max_failures + 1):
-        with tempfile.TemporaryDirectory(prefix=f"archipelago-{plan.name}-") as wd:
-            Path(wd, "island.yaml").write_text(dump_config(island_cfg))
-            entry = job_entrypoint(plan, "island.yaml")
-            kw: dict[str, Any] = {"entrypoint_num_cpus": plan.cpus_per_worker}
-            if plan.use_gpu and plan.num_workers == 1:
-                kw["entrypoint_num_gpus"] = plan.gpus_per_worker
-            if plan.resources and plan.num_workers == 1:
-                kw["entrypoint_resources"] = dict(plan.resources)
+        raise SiteLost(f"{plan.name}: cannot reach the Ray dashboard at {redact_address(address)} "
+                       f"({type(exc).__name__}); is the island's cluster up?") from None
+
+
+def _submit(plan: IslandPlan, cfg: ArchipelagoConfig, address: str, attempt: int) -> str:
+    """Submit one attempt of the island's job to the site at `address`; returns the job id."""
+    client = _client_for(plan, address)
+    with tempfile.TemporaryDirectory(prefix=f"archipelago-{plan.name}-") as wd:
+        Path(wd, "island.yaml").write_text(dump_config(plan.island_config(cfg)))
+        entry = job_entrypoint(plan, "island.yaml", lease_wait_s=1.5 * cfg.expert.lease_ttl_s)
+        kw: dict[str, Any] = {"entrypoint_num_cpus": plan.cpus_per_worker}
+        if plan.use_gpu and plan.num_workers == 1:
+            kw["entrypoint_num_gpus"] = plan.gpus_per_worker
+        if plan.resources and plan.num_workers == 1:
+            kw["entrypoint_resources"] = dict(plan.resources)
+        try:
             job_id = client.submit_job(
                 entrypoint=entry, runtime_env={"working_dir": wd, "env_vars": {"MLFLOW_RUN_ID": ""}},
-                metadata={"archipelago.island": plan.name, "archipelago.shard": str(plan.shard)}, **kw)
-        log.info("%s: submitted job %s to %s (attempt %d): %s", plan.name, job_id, redact_address(plan.address),
-                 attempt + 1, entry)
-        deadline = None if timeout_s is None else time.time() + timeout_s
-        while True:
-            status = client.get_job_status(job_id)
-            if status in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
-                break
-            if deadline is not None and time.time() > deadline:
-                client.stop_job(job_id)
-                raise TimeoutError(f"{plan.name}: job {job_id} did not finish within {timeout_s:.0f}s")
-            time.sleep(poll_s)
-        if status == JobStatus.SUCCEEDED:
-            return job_id
-        last_error = _job_error(client, job_id)
-        log.warning("%s: job %s %s: %s", plan.name, job_id, status, last_error)
-    raise IslandJobError(f"{plan.name}: job failed {max_failures + 1} time(s) on {redact_address(plan.address)}: "
-                         f"{last_error}")
+                metadata={"archipelago.island": plan.name, "archipelago.shard": str(plan.shard),
+                          "archipelago.attempt": str(attempt)}, **kw)
+        except (ConnectionError, OSError) as exc:
+            raise SiteLost(f"{plan.name}: the site {redact_address(address)} refused the job "
+                           f"({type(exc).__name__})") from None
+    log.info("%s: submitted job %s to %s (attempt %d): %s", plan.name, job_id, redact_address(address), attempt,
+             entry)
+    return job_id
 
 
 class IslandJobError(ArchipelagoError):
@@ -437,6 +483,7 @@ def run_islands(plans: Sequence[IslandPlan], cfg: ArchipelagoConfig, root: str, 
     for k, v in (reserved or {}).items():
         budget[k] = max(0.0, budget.get(k, 0.0) - v)
     gate = ResourceGate(budget, max_concurrent, strict=strict_resources)
+    sites = SiteBoard(job_sites(cfg, list(plans)), cfg.islands.on_site_loss, cfg.islands.site_loss_timeout_s)
 
     def one(plan: IslandPlan) -> IslandResult:
         demand = plan.demand if plan.mode == "ray" else {}
@@ -450,7 +497,7 @@ def run_islands(plans: Sequence[IslandPlan], cfg: ArchipelagoConfig, root: str, 
             gate.acquire(demand)
             try:
                 res = run_island(plan, cfg, root, max_failures, (tracking or {}).get(plan.shard), callbacks,
-                                 shas[plan.data_url])
+                                 shas[plan.data_url], sites)
             finally:
                 gate.release(demand)
         if on_done is not None:

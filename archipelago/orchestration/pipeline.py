@@ -342,10 +342,27 @@ def _wait_router(ref: Any, url: str) -> RouterOutcome:
                          wall_s=float(out.get("wall_s") or 0.0))
 
 
+def _track_attempts(tracker: Tracker, res: IslandResult) -> None:
+    """One MLflow run per job submission, nested in the island's run, when the island did not simply run
+    once where it was placed: the attempt lost with its site (FAILED) and the one that resumed elsewhere."""
+    if not res.run_id or (len(res.attempts) < 2 and all(a["status"] == "succeeded" for a in res.attempts)):
+        return
+    for a in res.attempts:
+        key = f"{res.name}/attempt-{a['attempt']}@{a['started_at']:.0f}"
+        run_id = tracker.child(key, f"{res.name} attempt {a['attempt']}",
+                               {"attempt": a["attempt"], "site": a["address"], "job_id": a["job_id"]},
+                               {"archipelago.kind": "island_attempt", "archipelago.island": res.name,
+                                "archipelago.site": a["address"], "archipelago.status": a["status"],
+                                "archipelago.error": a["error"]})
+        tracker.set_tags(run_id, {"mlflow.parentRunId": res.run_id})
+        tracker.end(run_id, ok=a["status"] == "succeeded")
+
+
 def _track_island(tracker: Tracker, plan: IslandPlan, res: IslandResult) -> None:
     run_id = res.run_id
     if not run_id:
         return
+    _track_attempts(tracker, res)
     tags = {"archipelago.status": res.status, "archipelago.error": res.error,
             "archipelago.checkpoint_uri": res.final_checkpoint}
     tracker.set_tags(run_id, tags)
