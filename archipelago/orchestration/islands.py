@@ -436,6 +436,13 @@ class ResourceGate:
             for k, v in demand.items():
                 self.used[k] = self.used.get(k, 0.0) + v
 
+    def grow(self, extra: dict[str, float]) -> None:
+        """Give back what was held for something beside the islands (the router) once it is done."""
+        with self._cv:
+            for k, v in extra.items():
+                self.total[k] = self.total.get(k, 0.0) + v
+            self._cv.notify_all()
+
     def release(self, demand: dict[str, float]) -> None:
         with self._cv:
             self.running -= 1
@@ -446,14 +453,16 @@ class ResourceGate:
 
 def run_islands(plans: Sequence[IslandPlan], cfg: ArchipelagoConfig, root: str, *, max_concurrent: int,
                 max_failures: int, cluster_resources: dict[str, float] | None = None,
-                reserved: dict[str, float] | None = None, strict_resources: bool = False,
+                reserved: dict[str, float] | None = None, reserved_done: threading.Event | None = None,
+                strict_resources: bool = False,
                 tracking: dict[int, dict[str, str] | None] | None = None,
                 callbacks: Sequence[TrainCallback] = (),
                 on_done: Callable[[IslandResult], None] | None = None) -> list[IslandResult]:
     """Train every island not already complete; returns one IslandResult per plan, in shard order.
 
     cluster_resources: the driver cluster's totals (default: ray.cluster_resources()); reserved: what runs
-    beside the islands (the router). tracking: per shard, MlflowMetricsCallback kwargs. callbacks: extra
+    beside the islands (the router), given back to the islands when `reserved_done` is set (on 2 CPUs the
+    router's CPU would otherwise keep every island but one waiting long after the router is done). tracking: per shard, MlflowMetricsCallback kwargs. callbacks: extra
     TrainCallbacks pickled to every worker (called on every rank). on_done: called (from a worker thread) as
     each island ends.
     """
@@ -483,6 +492,12 @@ def run_islands(plans: Sequence[IslandPlan], cfg: ArchipelagoConfig, root: str, 
     for k, v in (reserved or {}).items():
         budget[k] = max(0.0, budget.get(k, 0.0) - v)
     gate = ResourceGate(budget, max_concurrent, strict=strict_resources)
+    if reserved and reserved_done is not None:
+        def give_back() -> None:
+            reserved_done.wait()
+            gate.grow(reserved)
+
+        threading.Thread(target=give_back, daemon=True, name="reserved-release").start()
     sites = SiteBoard(job_sites(cfg, list(plans)), cfg.islands.on_site_loss, cfg.islands.site_loss_timeout_s)
 
     def one(plan: IslandPlan) -> IslandResult:

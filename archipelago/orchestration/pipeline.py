@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -237,6 +238,9 @@ def run_pipeline(cfg: ArchipelagoConfig, callbacks: Sequence[TrainCallback] = ()
 
     t0 = time.perf_counter()
     router_ref = start_router(spec.router, cfg, spec.max_failures, tracker.worker_tracking(router_run))
+    router_done = threading.Event()
+    threading.Thread(target=_set_when_ready, args=(router_ref, router_done), daemon=True,
+                     name="router-watch").start()
 
     def done(res: IslandResult) -> None:
         if board is not None:   # the table shows it
@@ -247,7 +251,7 @@ def run_pipeline(cfg: ArchipelagoConfig, callbacks: Sequence[TrainCallback] = ()
 
     island_results = run_islands(
         spec.islands, cfg, root, max_concurrent=spec.max_concurrent, max_failures=spec.max_failures,
-        reserved=spec.router.demand, strict_resources=strict,
+        reserved=spec.router.demand, reserved_done=router_done, strict_resources=strict,
         tracking={k: tracker.worker_tracking(r) for k, r in run_ids.items()}, callbacks=callbacks, on_done=done)
     router = _wait_router(router_ref, spec.router.out_url)
     router.run_id = router_run
@@ -326,6 +330,17 @@ def run_pipeline_live(cfg: ArchipelagoConfig, log_file: Path) -> PipelineResult:
         finally:
             if not connected_before and ray.is_initialized():
                 ray.shutdown()
+
+
+def _set_when_ready(ref: Any, event: threading.Event) -> None:
+    """Set `event` once the router task has ended (either way): its CPU goes back to the islands."""
+    import ray
+
+    try:
+        ray.wait([ref], num_returns=1)
+    except Exception:  # noqa: BLE001 - Ray shut down under us: nothing left to give back
+        return
+    event.set()
 
 
 def _wait_router(ref: Any, url: str) -> RouterOutcome:

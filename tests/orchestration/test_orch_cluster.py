@@ -86,6 +86,19 @@ def test_resource_gate_caps_concurrency_and_fits_demands():
     assert gate.running == 0 and gate.used == {"CPU": 0.0}
 
 
+def test_reserved_cpu_goes_back_to_the_islands_when_the_router_is_done():
+    """2 CPUs, one held for the router: islands run one at a time until the router ends, then two at once."""
+    gate = ResourceGate({"CPU": 1.0}, max_concurrent=2)
+    gate.acquire({"CPU": 1.0})
+    second = threading.Thread(target=gate.acquire, args=({"CPU": 1.0},), daemon=True)
+    second.start()
+    second.join(0.3)
+    assert second.is_alive() and gate.running == 1           # waits: the router's CPU is not free yet
+    gate.grow({"CPU": 1.0})                                   # the router ended
+    second.join(5)
+    assert not second.is_alive() and gate.running == 2 and gate.used == {"CPU": 2.0}
+
+
 # ----------------------------------------------------------------------------------------------------
 # A real local head: cluster up / status / a job island / down
 # ----------------------------------------------------------------------------------------------------
