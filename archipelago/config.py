@@ -139,7 +139,7 @@ class ExpertConfig(_Section):
     cfg_scale: float = Field(2.0, ge=0, description="Classifier-free guidance scale (1 = no guidance).")
 
     @model_validator(mode="after")
-    def _heads_divide(self) -> "ExpertConfig":
+    def _heads_divide(self) -> ExpertConfig:
         if self.hidden_size % self.num_heads:
             raise ValueError(f"num_heads={self.num_heads} must divide hidden_size={self.hidden_size}")
         if self.hidden_size % 4:

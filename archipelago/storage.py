@@ -10,8 +10,9 @@ import json
 import os
 import tempfile
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import fsspec
 
@@ -58,7 +59,7 @@ def local_path(url: str) -> Path:
     """Filesystem path of a local URL (plain path or file://)."""
     if not is_local(url):
         raise StorageError(f"{url}: expected a local path")
-    return Path(url[len("file://"):] if url.startswith("file://") else url)
+    return Path(url.removeprefix("file://"))
 
 
 @contextlib.contextmanager

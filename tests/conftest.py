@@ -15,7 +15,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 # 2-core CI: torch's default intra-op threads fight the test runner and each other (10x slowdowns seen).
-import torch  # noqa: E402
+import torch
 
 torch.set_num_threads(1)
 STRICT_SKIPS = os.environ.get("ARCHIPELAGO_STRICT_SKIPS") == "1"

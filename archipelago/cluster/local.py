@@ -306,7 +306,7 @@ def stale_bootstrap(temp_dir: str | None = None, timeout_s: float = 2.0) -> tupl
     (killed, OOM, a crash), retries its dead GCS for minutes with no message of ours.
     """
     try:
-        from ray._common.utils import get_ray_address_file   # where this Ray version reads it from
+        from ray._common.utils import get_ray_address_file  # where this Ray version reads it from
         file = get_ray_address_file(temp_dir)
     except ImportError:
         root = os.environ.get("RAY_TMPDIR") or os.environ.get("TMPDIR") or "/tmp"

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from archipelago.errors import PREEMPTED_EXIT, DivergenceError
+from archipelago.errors import DivergenceError
 
 log = logging.getLogger(__name__)
 

@@ -33,8 +33,15 @@ import torch.distributed as dist
 
 from archipelago import storage
 from archipelago.config import ArchipelagoConfig, ExpertConfig, island_expert_config
-from archipelago.errors import (PREEMPTED_EXIT, ArchipelagoError, CheckpointError, ConfigError, DataError, LeaseError,
-                               Preempted)
+from archipelago.errors import (
+    PREEMPTED_EXIT,
+    ArchipelagoError,
+    CheckpointError,
+    ConfigError,
+    DataError,
+    LeaseError,
+    Preempted,
+)
 from archipelago.experts import checkpoint as ckpt
 from archipelago.experts.callbacks import JsonlMetricsCallback, RichProgressCallback, TrainCallback
 from archipelago.experts.parallelize import apply_strategy, micro_batch_size, world

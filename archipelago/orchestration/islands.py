@@ -34,8 +34,14 @@ from typing import Any, Literal
 from archipelago import storage
 from archipelago.cluster.spec import TRAINING_FIELDS_EXCLUDED, IslandPlan, job_sites, redact_address
 from archipelago.config import ArchipelagoConfig, dump_config, island_expert_config
-from archipelago.errors import (ArchipelagoError, CheckpointError, ConfigError, DivergenceError, StorageError,
-                                failure_line)
+from archipelago.errors import (
+    ArchipelagoError,
+    CheckpointError,
+    ConfigError,
+    DivergenceError,
+    StorageError,
+    failure_line,
+)
 from archipelago.experts.callbacks import TrainCallback
 from archipelago.orchestration.sites import JobAttempt, SiteBoard, SiteLost, poll_job
 

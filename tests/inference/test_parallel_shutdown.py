@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from .conftest import save_expert, tiny_dit
 
 REPO = Path(__file__).resolve().parents[2]

@@ -105,7 +105,7 @@ def test_second_live_trainer_on_s3_gets_one_line_naming_the_holder(artifacts, s3
     env = {k: os.environ[k] for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
                                       "AWS_DEFAULT_REGION")}
     fs = s3fs.S3FileSystem(endpoint_url=env["AWS_ENDPOINT_URL"])
-    held = lambda: fs.exists(f"{out[5:]}/checkpoints/step-00000001/meta.json") or fs.invalidate_cache()  # noqa: E731
+    held = lambda: fs.exists(f"{out[5:]}/checkpoints/step-00000001/meta.json") or fs.invalidate_cache()
     _second_trainer_is_refused(config, data, out, held, tmp_path, env)
     fs.invalidate_cache()
     assert fs.ls(f"{out[5:]}/lease", detail=False) == [f"{out[5:]}/lease/attempt-00000001.json"]

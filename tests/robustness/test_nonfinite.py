@@ -13,7 +13,7 @@ from robustness_support import copy_tree, tiny_config
 
 def _nan_at(monkeypatch, bad_calls: set[int]) -> None:
     """Make flow_matching_loss return nan on the given (0-based) calls: one call per step here."""
-    import archipelago.experts.flow as flow
+    from archipelago.experts import flow
 
     real = flow.flow_matching_loss
     calls = {"n": 0}

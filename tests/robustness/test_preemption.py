@@ -34,7 +34,7 @@ LINE = re.compile(r"^preempted: expert 0 \(.*\): SIGTERM; step (\d+) checkpointe
 
 def _spawn(args: list[str], log: Path) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-c", GATE, *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            stderr=open(log, "wb"), env=subprocess_env(), cwd=REPO)   # noqa: SIM115
+                            stderr=open(log, "wb"), env=subprocess_env(), cwd=REPO)
 
 
 def _go(proc: subprocess.Popen) -> None:
@@ -88,7 +88,7 @@ def test_sigterm_checkpoints_and_resume_loses_no_step(artifacts, tmp_path, recor
         text = log.read_text()
         assert rc == 75, (rc, text[-3000:])
         terms += 1
-        m = re.search(rf"resuming from .*step-(\d+) \(step (\d+)\)", text)
+        m = re.search(r"resuming from .*step-(\d+) \(step (\d+)\)", text)
         start = int(m.group(2)) if m else 0
         assert start == expect_start, (f"run {i} resumed at {start}, the previous one checkpointed {expect_start}",
                                        text[-3000:])
