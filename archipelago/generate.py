@@ -73,9 +73,9 @@ def samples_bytes(samples: torch.Tensor, labels: torch.Tensor, meta: dict[str, A
     """{"samples": fp32 [N,...], "labels": long [N]} as safetensors bytes (what `archipelago eval` reads)."""
     import json
 
-    from safetensors.torch import save
+    from archipelago.tensorfile import save_bytes
 
-    return save({"samples": samples.float().contiguous(), "labels": labels.long().contiguous()},
+    return save_bytes({"samples": samples.float().contiguous(), "labels": labels.long().contiguous()},
                 metadata={"archipelago": "samples", "meta": json.dumps(meta or {}, sort_keys=True)})
 
 

@@ -89,9 +89,9 @@ def _gather_objects(obj: Any) -> list[Any]:
 
 
 def encode_tensors(tensors: dict[str, torch.Tensor], kind: str) -> bytes:
-    from safetensors.torch import save
+    from archipelago.tensorfile import save_bytes
 
-    return save({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()},
+    return save_bytes({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()},
                 metadata={"format": "pt", "archipelago": kind})
 
 

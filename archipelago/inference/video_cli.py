@@ -203,12 +203,12 @@ def write_outputs(spec: VideoSpec, video: torch.Tensor | None, summaries: list[d
         frames = video.permute(0, 2, 1, 3, 4)                                     # [N, F, C, H, W]
         save_gif(frames[0] if frames.shape[0] == 1 else frames, spec.out, fps=spec.fps)
     if tensor_url:
-        from safetensors.torch import save
+        from archipelago.tensorfile import save_bytes
 
         meta = {"archipelago": "video", "expert": spec.expert, "frames": str(spec.frames),
                 "block": str(spec.block), "num_cat": str(spec.num_cat), "steps": str(spec.steps),
                 "world_size": str(len(summaries)), "labels": json.dumps(spec.labels)}
-        storage.write_bytes(tensor_url, save({"video": video.contiguous()}, metadata=meta))
+        storage.write_bytes(tensor_url, save_bytes({"video": video.contiguous()}, metadata=meta))
     if spec.stats:
         storage.write_json(spec.stats, {"spec": spec.model_dump(mode="json"), "ranks": summaries})
 
