@@ -16,6 +16,7 @@ seeing the commit and the kill) -- the commit it resumes from is exact; extra wa
 
     sudo python benchmarks/multisite.py                       # 50 Mbit/s and 1 Gbit/s
     sudo python benchmarks/multisite.py --rates 50mbit --steps 200
+  sudo python benchmarks/multisite.py --loss-only            # the site-loss arm + its baseline only
 
 The machine's load average is recorded: on a shared 2-core machine the walls are upper bounds.
 """
@@ -147,8 +148,14 @@ def main() -> int:
     ap.add_argument("--depth", type=int, default=4)
     ap.add_argument("--kill-after-step", type=int, default=100)
     ap.add_argument("--skip-loss", action="store_true")
-    ap.add_argument("--out", default=str(RESULTS))
+    ap.add_argument("--loss-only", action="store_true",
+                    help="Only the site-loss arm and its two-site baseline, side by side at the first rate "
+                         "(-> multisite_site_loss.json unless --out).")
+    ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    args.out = args.out or str(RESULTS.with_name("multisite_site_loss.json") if args.loss_only else RESULTS)
+    if args.loss_only:
+        args.rates, args.skip_loss = args.rates[:1], False
     sys.path.insert(0, str(REPO / "benchmarks"))
     from bench_common import machine, write_report
 
@@ -180,7 +187,9 @@ def main() -> int:
             sites = [tb.dashboard_url(i) for i in range(2)]
             for rate in args.rates:
                 row: dict[str, Any] = {}
-                for arm, addresses in (("two_sites", sites), ("one_site", [sites[0], sites[0]])):
+                arms = (("two_sites", sites),) if args.loss_only else (("two_sites", sites),
+                                                                     ("one_site", [sites[0], sites[0]]))
+                for arm, addresses in arms:
                     root = f"s3://archipelago/bench-{rate}-{arm}"
                     row[arm] = run_arm(tb, work, f"{rate}-{arm}", _config(args, root), addresses, rate)
                     print(f"   {rate:>7} {arm:<10} wall {row[arm]['wall_s']:6.1f}s  WAN MiB by kind "
