@@ -83,7 +83,7 @@ def _config(args: argparse.Namespace, root: str, **islands: Any) -> dict[str, An
 
 
 def run_arm(tb: Any, work: Path, name: str, cfg: dict[str, Any], addresses: list[str], rate: str,
-            kill: tuple[int, int] | None = None) -> dict[str, Any]:
+            kill: tuple[int, int] | None = None, kill_mode: str = "hard") -> dict[str, Any]:
     """One `archipelago train` from the services namespace; WAN counters from zero. kill=(site, step): lose
     that site once island 0 committed that step."""
     tb.shape_wan(rate)                                      # also restarts the per-kind counters
@@ -106,7 +106,8 @@ def run_arm(tb: Any, work: Path, name: str, cfg: dict[str, Any], addresses: list
         wan_before = tb.wan_bytes()
         killed_at = time.time()
         loss = {"site": site, "committed_step_seen": int(seen[1]), "seen_to_kill_s": killed_at - float(seen[2]),
-                "kill_s": tb.kill_site(site), "wan_before_kill": wan_before}
+                "kill": kill_mode, "kill_s": tb.kill_site(site, hard=kill_mode == "hard"),
+                "wan_before_kill": wan_before}
     rc = driver.wait(timeout=3600)
     wall = time.perf_counter() - t0
     if rc != 0:
@@ -124,10 +125,17 @@ def run_arm(tb: Any, work: Path, name: str, cfg: dict[str, Any], addresses: list
         resumed = read["start_steps"]["island-0"] or 0
         rate_sps = read["steps_per_s_island1"] or 0.0
         loss["resumed_from_step"] = resumed
-        loss["steps_redone_est"] = round(max(0, loss["committed_step_seen"] - resumed)
-                                         + rate_sps * max(0.0, loss["seen_to_kill_s"]))
+        loss["steps_redone_est"] = steps_redone(loss["committed_step_seen"], loss["seen_to_kill_s"], rate_sps,
+                                                resumed)
         row["site_loss"] = loss
     return row
+
+
+def steps_redone(seen: int, seen_to_kill_s: float, steps_per_s: float, resumed: int) -> int:
+    """Steps the lost attempt ran past the step the new one resumes from: it had reached about
+    seen + steps_per_s * seen_to_kill_s when the site went. A graceful loss checkpoints on SIGTERM, so the new
+    attempt can resume past `seen` and nothing is redone."""
+    return max(0, round(seen + steps_per_s * max(0.0, seen_to_kill_s) - resumed))
 
 
 def _by_kind(wan: dict[int, dict[str, dict[str, int]]], lost: dict | None = None) -> dict[str, int]:
@@ -148,12 +156,16 @@ def main() -> int:
     ap.add_argument("--depth", type=int, default=4)
     ap.add_argument("--kill-after-step", type=int, default=100)
     ap.add_argument("--skip-loss", action="store_true")
+    ap.add_argument("--kill", choices=("hard", "graceful"), default="hard",
+                    help="How the site is lost: hard = SIGKILL to all its processes at once (a power or network "
+                         "cut); graceful = SIGTERM first (an orderly shutdown: the trainer checkpoints).")
     ap.add_argument("--loss-only", action="store_true",
                     help="Only the site-loss arm and its two-site baseline, side by side at the first rate "
                          "(-> multisite_site_loss.json unless --out).")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
-    args.out = args.out or str(RESULTS.with_name("multisite_site_loss.json") if args.loss_only else RESULTS)
+    loss_name = "multisite_site_loss.json" if args.kill == "hard" else "multisite_site_loss_graceful.json"
+    args.out = args.out or str(RESULTS.with_name(loss_name) if args.loss_only else RESULTS)
     if args.loss_only:
         args.rates, args.skip_loss = args.rates[:1], False
     sys.path.insert(0, str(REPO / "benchmarks"))
@@ -201,7 +213,7 @@ def main() -> int:
                 rate = args.rates[0]
                 root = f"s3://archipelago/bench-{rate}-site-loss"
                 row = run_arm(tb, work, f"{rate}-site-loss", _config(args, root, on_site_loss="resubmit"), sites,
-                              rate, kill=(0, args.kill_after_step))
+                              rate, kill=(0, args.kill_after_step), kill_mode=args.kill)
                 row["site_loss"]["extra_wall_s"] = row["wall_s"] - results[rate]["two_sites"]["wall_s"]
                 results[rate]["site_loss"] = row
                 print(f"   {rate:>7} site loss  wall {row['wall_s']:6.1f}s  (+{row['site_loss']['extra_wall_s']:.1f}s), "
@@ -223,7 +235,8 @@ def table(results: dict[str, Any]) -> str:
             note = ""
             if "site_loss" in r:
                 s = r["site_loss"]
-                note = (f"site 0 lost after step {s['committed_step_seen']}: resumed from {s['resumed_from_step']}, "
+                note = (f"site 0 lost ({s.get('kill', 'graceful')} kill) after step {s['committed_step_seen']}: "
+                        f"resumed from {s['resumed_from_step']}, "
                         f"~{s['steps_redone_est']} steps redone, +{s['extra_wall_s']:.1f} s")
             walls = ", ".join(f"{v:.1f}" for v in r["island_wall_s"].values())
             lines.append(f"| {rate} | {arm} | {r['wall_s']:.1f} | {walls} | {mib.get('s3', 0):.2f} | "

@@ -22,6 +22,7 @@ import os
 import re
 import secrets
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -39,6 +40,7 @@ from archipelago.cluster.netns import (
     check_host,
     delete_namespaces,
     list_namespaces,
+    namespace_pids,
     parse_rate,
     write_state,
 )
@@ -195,10 +197,19 @@ class MultiSiteTestbed:
         if not keep_logs:
             shutil.rmtree(self.services_dir, ignore_errors=True)
 
-    def kill_site(self, site: int) -> float:
+    def kill_site(self, site: int, hard: bool = False) -> float:
         """Lose site `site` whole: kill every process in its namespaces, then delete them (its WAN link goes
-        with them). Returns the seconds it took."""
+        with them). Returns the seconds it took. Default: SIGTERM then SIGKILL, as an orderly shutdown does
+        (a trainer gets to write its preemption checkpoint); hard: SIGKILL to every process at once, as a power
+        or network cut does (nothing runs a handler)."""
         t0 = time.perf_counter()
+        if hard:
+            for ns in self.sites[site].namespaces:
+                for pid in namespace_pids(ns):
+                    try:
+                        os.kill(pid, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
         self.sites[site].down(keep_logs=False)
         self.lost.add(site)
         return time.perf_counter() - t0

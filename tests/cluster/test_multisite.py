@@ -129,7 +129,7 @@ def test_site_lost_mid_run_island_resumes_on_the_surviving_site(tmp_path, record
         assert line.startswith("checkpoint "), (line, log.read_text()[-3000:])
         assert driver.poll() is None, log.read_text()[-3000:]
         first_ckpt = line.split()[1]
-        kill_s = tb.kill_site(0)
+        kill_s = tb.kill_site(0, hard=True)             # SIGKILL, all at once: no handler runs
         lost_at = time.perf_counter()
         line = watch.stdout.readline()
         assert line.startswith("final1 "), (line, (tmp_path / "watch.log").read_text()[-2000:], log.read_text()[-3000:])
