@@ -76,7 +76,7 @@ def samples_bytes(samples: torch.Tensor, labels: torch.Tensor, meta: dict[str, A
     from archipelago.tensorfile import save_bytes
 
     return save_bytes({"samples": samples.float().contiguous(), "labels": labels.long().contiguous()},
-                metadata={"archipelago": "samples", "meta": json.dumps(meta or {}, sort_keys=True)})
+                      metadata={"archipelago": "samples", "meta": json.dumps(meta or {}, sort_keys=True)})
 
 
 def save_samples(url: str, samples: torch.Tensor, labels: torch.Tensor, meta: dict[str, Any] | None = None) -> str:

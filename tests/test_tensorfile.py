@@ -1,7 +1,9 @@
 """Same tensors + metadata -> same safetensors bytes in every process (safetensors alone: not so)."""
 
+import json
 import subprocess
 import sys
+import tempfile
 
 import torch
 
@@ -39,14 +41,13 @@ def test_the_rewritten_header_reads_back():
     t = {"a": torch.randn(5, 3), "lbl": torch.arange(4), "h": torch.ones(7, dtype=torch.float16)}
     meta = {"é": "ü", "b": "2", "a": "1"}        # non-ASCII keys survive the rewrite
     blob = save_bytes(t, meta)
-    assert (8 + int.from_bytes(blob[:8], "little")) % 8 == 0
+    n = int.from_bytes(blob[:8], "little")
+    assert (8 + n) % 8 == 0
     back = load(blob)
     assert all(torch.equal(back[k], v) for k, v in t.items())
-    import tempfile
     with tempfile.NamedTemporaryFile(suffix=".safetensors") as f:
         f.write(blob)
         f.flush()
         with safe_open(f.name, "pt") as h:
             assert h.metadata() == meta
-    assert list(__import__("json").loads(blob[8:8 + int.from_bytes(blob[:8], "little")])["__metadata__"]) \
-        == ["a", "b", "é"]
+    assert list(json.loads(blob[8:8 + n])["__metadata__"]) == ["a", "b", "é"]

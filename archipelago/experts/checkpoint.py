@@ -92,7 +92,7 @@ def encode_tensors(tensors: dict[str, torch.Tensor], kind: str) -> bytes:
     from archipelago.tensorfile import save_bytes
 
     return save_bytes({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()},
-                metadata={"format": "pt", "archipelago": kind})
+                      metadata={"format": "pt", "archipelago": kind})
 
 
 def decode_tensors(data: bytes, name: str) -> dict[str, torch.Tensor]:

@@ -28,7 +28,7 @@ from archipelago import storage
 from archipelago.config import ArchipelagoConfig
 from archipelago.errors import CheckpointError, LeaseError, StorageError
 from archipelago.experts.callbacks import TrainCallback
-from archipelago.experts.checkpoint import read_meta_json
+from archipelago.experts.checkpoint import encode_tensors, read_meta_json
 from archipelago.experts.flow import interpolate
 from archipelago.experts.reliability import NonFiniteGuard, params_finite
 from archipelago.lease import ROUTER, RunLease, fenced_out
@@ -215,13 +215,10 @@ def _train(cfg: ArchipelagoConfig, data_url: str, out_url: str, callbacks: list[
 def save_router(router: Router, out_url: str, meta: dict[str, Any], lease: RunLease | None = None) -> str:
     """Write router.safetensors then meta.json (the commit marker) under out_url; returns out_url. With a
     lease, its fencing token goes into meta.json and a stale attempt (taken over) writes nothing."""
-    from archipelago.tensorfile import save_bytes
-
     if lease is not None and (why := lease.fenced()) is not None:
         raise LeaseError(why)
     storage.remove(storage.join(out_url, META))   # a half-rewritten router never looks complete
-    blob = save_bytes({k: v.detach().cpu().contiguous() for k, v in router.state_dict().items()},
-                metadata={"format": "pt", "archipelago": "router"})
+    blob = encode_tensors(router.state_dict(), "router")
     digest = storage.write_bytes(storage.join(out_url, WEIGHTS), blob)
     full = {**meta, "format_version": FORMAT_VERSION, "kind": "router",
             "model": {"class": "Router", "args": dict(router.config_dict)},
