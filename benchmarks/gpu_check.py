@@ -1,4 +1,4 @@
-"""The one prepared GPU check: everything a lent GPU should measure, in one run of at most ~8 minutes.
+"""The one prepared GPU check: everything a lent GPU should measure, in one run of about 8.5 minutes (H200).
 
 A GPU is lent now and then for ~15 minutes, start-up included, on a bare machine that cannot reach the
 internet. So this script sets itself up (installs this checkout against the CUDA torch it finds there),
@@ -99,7 +99,7 @@ def setup(dry_run: bool) -> dict[str, Any]:
 
 # Imported on the training/sampling path but absent from the GPU image (/work/.library/device/KINDS.md): they
 # travel as wheels. DeepSpeed publishes only an sdist: it is built here into a pure-Python wheel.
-DEVICE_WHEELS = ["pydantic", "pydantic-core", "annotated-types", "typing-inspection", "hjson"]
+DEVICE_WHEELS = ["pydantic", "pydantic-core", "annotated-types", "typing-inspection", "typing-extensions", "hjson"]
 
 
 def download_wheels(dest: Path) -> int:
@@ -233,14 +233,20 @@ def part_train(args: argparse.Namespace, deadline: float, work: Path) -> dict[st
     prepare_data(DataConfig(image_size=size["image_size"], num_clusters=1, holdout_fraction=0.0), str(data),
                  progress=False)
     # deepspeed bf16: the Linear dtypes show whether its torch_autocast section really carried bf16 on CUDA
+    # fsdp2 bf16 eager beside compiled: the H200 run found compiled FSDP2 bf16 4.5x slower than single compiled
     arms = [(s, z, "fp32", 0) for s, z in STRATEGIES] + [("single", None, "bf16", 0), ("deepspeed", 2, "bf16", 0),
-                                                        ("single", None, "bf16", 1),
+                                                        ("fsdp2", None, "bf16", 0), ("single", None, "bf16", 1),
                                                         ("fsdp2", None, "bf16", 1)]   # compiled blocks, sharded
     if args.dry_run and not args.dry_run_compile:
         arms = [a for a in arms if not a[3]]   # inductor on 2 CPU cores takes minutes; the GPU run compiles
+    named = [(f"{s}{'-zero' + str(z) if z else ''}-{p}{'-compile' if c else ''}", s, z, p, c) for s, z, p, c in arms]
+    if args.arms:      # a rerun of the arms an earlier run left (its deadline, a crash)
+        unknown = sorted(set(args.arms) - {n for n, *_ in named})
+        if unknown:
+            raise SystemExit(f"--arms: unknown {unknown}; choose from {[n for n, *_ in named]}")
+        named = [a for a in named if a[0] in args.arms]
     runs: list[dict[str, Any]] = []
-    for strategy, zero, precision, compiled in arms:
-        name = f"{strategy}{'-zero' + str(zero) if zero else ''}-{precision}{'-compile' if compiled else ''}"
+    for name, strategy, zero, precision, compiled in named:
         left = deadline - time.monotonic()
         if left < 20:
             runs.append({"name": name, "skipped": "deadline"})
@@ -344,6 +350,34 @@ def part_ddm(args: argparse.Namespace, deadline: float, work: Path, out_dir: Pat
 
 
 # ----------------------------------------------------------------------------------------------------
+# the table
+# ----------------------------------------------------------------------------------------------------
+
+def table(report: dict[str, Any]) -> str:
+    """The report as two plain tables (train arms, sampling rows); errors and skips say so in their row."""
+    env = report.get("parts", {}).get("env", {})
+    head = f"{env.get('gpu', 'no GPU')} | torch {env.get('torch')} | CUDA {env.get('cuda_runtime')}"
+    cols = f"{'train arm':<24}{'step s':>9}{'samples/s':>11}{'TFLOP/s':>9}{'MFU':>7}{'loss':>16}  reloaded  linear dtype"
+    lines = [f"{head} | driver {env.get('driver')}", "", cols]
+    for r in report.get("parts", {}).get("train", {}).get("runs", []):
+        if "error" in r or "skipped" in r:
+            lines.append(f"{r['name']:<24}{r.get('error') or 'skipped: ' + r['skipped']}")
+            continue
+        mfu = f"{r['mfu']:.1%}" if r.get("mfu") is not None else "-"
+        lines.append(f"{r['name']:<24}{r['step_time_s_median']:>9.4f}{r['samples_per_s']:>11.0f}"
+                     f"{r['achieved_tflops']:>9.1f}{mfu:>7}{r['loss_first']:>8.3f}>{r['loss_last']:<7.3f}"
+                     f"  {r['reloaded']!s:<8}  {','.join(d.replace('torch.', '') for d in r['linear_out_dtypes'])}")
+    lines += ["", f"{'sampling':<14}{'model':<16}{'res':>5}{'n':>5}{'steps':>7}{'seconds':>9}{'images/s':>10}"]
+    for r in report.get("parts", {}).get("sampling", {}).get("rows", []):
+        if "images_per_s" not in r:
+            lines.append(f"{r['size']:<14}{r['model']:<16}{r.get('error') or 'skipped: ' + r.get('skipped', '?')}")
+            continue
+        lines.append(f"{r['size']:<14}{r['model']:<16}{r['resolution']:>5}{r['n']:>5}{r['steps']:>7}"
+                     f"{r['seconds']:>9.3f}{r['images_per_s']:>10.1f}")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------
 # main
 # ----------------------------------------------------------------------------------------------------
 
@@ -352,10 +386,12 @@ def main(argv: list[str] | None = None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     ap.add_argument("--out", default=None, help="Report JSON (default: benchmarks/results/gpu_check.json; "
                     "--dry-run: a temporary file).")
-    ap.add_argument("--deadline-s", type=float, default=450.0, help="No part starts after this many seconds.")
+    ap.add_argument("--deadline-s", type=float, default=480.0, help="No part starts after this many seconds.")
     ap.add_argument("--dry-run", action="store_true", help="Same code paths on CPU, tiny sizes, in seconds.")
     ap.add_argument("--dry-run-compile", action="store_true", help="--dry-run also runs the compiled arm.")
     ap.add_argument("--parts", nargs="+", default=["train", "sampling"], choices=["train", "sampling", "ddm"])
+    ap.add_argument("--arms", nargs="+", default=None, help="Only these train arms (names as in the report, "
+                    "e.g. fsdp2-bf16-compile).")
     ap.add_argument("--ddm", action="store_true", help="Also run the DDM curve stage (time-boxed).")
     ap.add_argument("--ddm-budget", type=float, default=16.0, help="Budget multiple of the DDM curve point.")
     ap.add_argument("--download-wheels", action="store_true", help="Here, with a registry: put the wheels the "
@@ -366,7 +402,11 @@ def main(argv: list[str] | None = None) -> int:
         ap.add_argument(flag, help=argparse.SUPPRESS)
     ap.add_argument("--compile", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--zero-stage", type=int, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--show", metavar="REPORT", default=None, help="Print the tables of a report JSON and exit.")
     args = ap.parse_args(argv)
+    if args.show:
+        print(table(json.loads(Path(args.show).read_text())))
+        return 0
     if args.worker == "train":
         train_worker(args)
         return 0
@@ -409,6 +449,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.ddm or "ddm" in args.parts:
             run_part("ddm", lambda: part_ddm(args, deadline, work, out.parent))
     save()
+    print(table(report))
     log(f"wrote {out} in {time.monotonic() - t_start:.0f}s")
     print(out)
     return 0
