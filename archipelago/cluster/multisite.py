@@ -22,7 +22,6 @@ import os
 import re
 import secrets
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -40,8 +39,8 @@ from archipelago.cluster.netns import (
     check_host,
     delete_namespaces,
     list_namespaces,
-    namespace_pids,
     parse_rate,
+    sigkill_namespaces,
     write_state,
 )
 
@@ -204,12 +203,7 @@ class MultiSiteTestbed:
         or network cut does (nothing runs a handler)."""
         t0 = time.perf_counter()
         if hard:
-            for ns in self.sites[site].namespaces:
-                for pid in namespace_pids(ns):
-                    try:
-                        os.kill(pid, signal.SIGKILL)
-                    except ProcessLookupError:
-                        pass
+            sigkill_namespaces(self.sites[site].namespaces)
         self.sites[site].down(keep_logs=False)
         self.lost.add(site)
         return time.perf_counter() - t0

@@ -214,12 +214,17 @@ def kill_namespaces(names: Sequence[str], grace_s: float = 5.0) -> int:
             if not any(_alive(p) for p in group):
                 break
     # Anything started meanwhile (a driver's new worker): no grace left.
+    sigkill_namespaces(names)
+    return len(pids)
+
+
+def sigkill_namespaces(names: Sequence[str]) -> None:
+    """SIGKILL every process in the namespaces at once, no handler runs: a power or network cut."""
     for pid in (p for ns in names for p in namespace_pids(ns)):
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-    return len(pids)
 
 
 def delete_namespaces(names: Sequence[str]) -> None:
