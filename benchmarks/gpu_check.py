@@ -224,14 +224,9 @@ def train_worker(args: argparse.Namespace) -> None:
         "mfu": flops_per_step / step_s / peak if peak else None}))
 
 
-def part_train(args: argparse.Namespace, deadline: float, work: Path) -> dict[str, Any]:
-    from archipelago.config import DataConfig
-    from archipelago.data.prepare import prepare_data
-
-    size = SIZES["train"][1 if args.dry_run else 0]
-    data = work / "data"
-    prepare_data(DataConfig(image_size=size["image_size"], num_clusters=1, holdout_fraction=0.0), str(data),
-                 progress=False)
+def train_arms(args: argparse.Namespace) -> list[tuple[str, str, int | None, str, int]]:
+    """(name, strategy, zero stage, precision, compiled) of each train arm this run takes; --arms filters them
+    (a rerun of the arms an earlier run left: its deadline, a crash) and an unknown name stops the run at once."""
     # deepspeed bf16: the Linear dtypes show whether its torch_autocast section really carried bf16 on CUDA
     # fsdp2 bf16 eager beside compiled: the H200 run found compiled FSDP2 bf16 4.5x slower than single compiled
     arms = [(s, z, "fp32", 0) for s, z in STRATEGIES] + [("single", None, "bf16", 0), ("deepspeed", 2, "bf16", 0),
@@ -240,13 +235,24 @@ def part_train(args: argparse.Namespace, deadline: float, work: Path) -> dict[st
     if args.dry_run and not args.dry_run_compile:
         arms = [a for a in arms if not a[3]]   # inductor on 2 CPU cores takes minutes; the GPU run compiles
     named = [(f"{s}{'-zero' + str(z) if z else ''}-{p}{'-compile' if c else ''}", s, z, p, c) for s, z, p, c in arms]
-    if args.arms:      # a rerun of the arms an earlier run left (its deadline, a crash)
+    if args.arms:
         unknown = sorted(set(args.arms) - {n for n, *_ in named})
         if unknown:
             raise SystemExit(f"--arms: unknown {unknown}; choose from {[n for n, *_ in named]}")
         named = [a for a in named if a[0] in args.arms]
+    return named
+
+
+def part_train(args: argparse.Namespace, deadline: float, work: Path) -> dict[str, Any]:
+    from archipelago.config import DataConfig
+    from archipelago.data.prepare import prepare_data
+
+    size = SIZES["train"][1 if args.dry_run else 0]
+    data = work / "data"
+    prepare_data(DataConfig(image_size=size["image_size"], num_clusters=1, holdout_fraction=0.0), str(data),
+                 progress=False)
     runs: list[dict[str, Any]] = []
-    for name, strategy, zero, precision, compiled in named:
+    for name, strategy, zero, precision, compiled in train_arms(args):
         left = deadline - time.monotonic()
         if left < 20:
             runs.append({"name": name, "skipped": "deadline"})
@@ -412,6 +418,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.download_wheels:
         return download_wheels(REPO / ".whl")
+    if "train" in args.parts:
+        train_arms(args)          # a mistyped --arms fails here, before setup spends the lent GPU's minutes
 
     t_start = time.monotonic()
     deadline = t_start + args.deadline_s

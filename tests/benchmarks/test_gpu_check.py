@@ -82,6 +82,7 @@ def test_arms_rerun_only_the_named_ones_and_refuse_unknown(tmp_path):
     assert [r["name"] for r in json.loads(out.read_text())["parts"]["train"]["runs"]] == ["ddp-fp32", "single-bf16"]
     with pytest.raises(SystemExit, match="unknown .'nope'.*single-fp32"):
         mod.main(["--dry-run", "--parts", "train", "--arms", "nope", "--out", str(tmp_path / "x.json")])
+    assert not (tmp_path / "x.json").exists()       # refused before setup: nothing ran, no report
 
 
 def test_the_committed_gpu_report_prints_and_holds_every_arm(capsys):
